@@ -1,0 +1,65 @@
+"""KV caches for decoding: one class serves both attention kinds.
+
+Each layer caches two tensors per token, preallocated in steps:
+- MLA: the normalised latent c_kv [B, 1, S, kv_lora_rank] and the shared k_rope [B, 1, S, rope]
+  (kv_lora_rank + qk_rope_head_dim numbers per token per layer; keys/values are never expanded);
+- MQA: the single shared key and value head [B, 1, S, head_dim] each.
+Beams are batch rows: `reorder(rows)` picks and repeats rows after each beam-search step.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+
+from .config import ModelArgs
+
+
+class KVCache:
+    """Two growing tensors [B, 1, S, *] with a shared `offset` (tokens cached so far)."""
+
+    step = 256
+
+    def __init__(self) -> None:
+        self.a: Optional[mx.array] = None
+        self.b: Optional[mx.array] = None
+        self.offset = 0
+
+    def update_and_fetch(self, a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
+        """Append a, b ([B, 1, L, *]) and return everything cached ([B, 1, offset, *])."""
+        prev, L = self.offset, a.shape[2]
+        if self.a is None or prev + L > self.a.shape[2]:
+            n = ((prev + L + self.step - 1) // self.step) * self.step
+            new_a = mx.zeros((a.shape[0], 1, n, a.shape[3]), a.dtype)
+            new_b = mx.zeros((b.shape[0], 1, n, b.shape[3]), b.dtype)
+            if self.a is not None:
+                new_a[:, :, :prev] = self.a[:, :, :prev]
+                new_b[:, :, :prev] = self.b[:, :, :prev]
+            self.a, self.b = new_a, new_b
+        self.a[:, :, prev : prev + L] = a
+        self.b[:, :, prev : prev + L] = b
+        self.offset = prev + L
+        return self.a[:, :, : self.offset], self.b[:, :, : self.offset]
+
+    def reorder(self, rows: mx.array) -> None:
+        """Keep batch rows `rows` (beam search: parents of the surviving beams)."""
+        if self.a is not None:
+            self.a = self.a[rows]
+            self.b = self.b[rows]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [] if self.a is None else [self.a, self.b]
+
+    def numbers_per_token(self) -> int:
+        """Numbers held per cached token per batch row (both tensors)."""
+        return 0 if self.a is None else self.a.shape[3] + self.b.shape[3]
+
+    def nbytes_per_token(self) -> int:
+        return 0 if self.a is None else self.numbers_per_token() * self.a.dtype.size
+
+
+def make_cache(args: ModelArgs) -> list[KVCache]:
+    """One cache per transformer layer (MTP modules are not used when decoding)."""
+    return [KVCache() for _ in range(args.num_hidden_layers)]

@@ -1,0 +1,145 @@
+"""The DeepSeek-style decoder: pre-norm blocks of attention + (dense MLP | DeepSeekMoE).
+
+Module attribute names give the Hugging Face `deepseek_v3` weight names (SPEC section 2):
+`model.embed_tokens`, `model.layers.{i}.self_attn.*`, `model.layers.{i}.mlp.*`, `model.norm`,
+`lm_head`. Routed experts are stacked ([E, out, in]); the checkpoint module unstacks them.
+Optional multi-token prediction modules live under `mtp.{k}` (SPEC section 5).
+The model returns logits; losses live in the training code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .attention import Mask, make_attention
+from .config import ModelArgs
+from .layers import MLP, make_norm
+from .moe import MoE, Routing
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer: int):
+        super().__init__()
+        self.self_attn = make_attention(args)
+        self.mlp = MoE(args) if args.is_moe_layer(layer) else MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = make_norm(args, args.hidden_size)
+        self.post_attention_layernorm = make_norm(args, args.hidden_size)
+
+    def __call__(self, x: mx.array, mask: Mask, cache: Any = None) -> tuple[mx.array, Optional[Routing]]:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        y = self.post_attention_layernorm(h)
+        if isinstance(self.mlp, MoE):
+            out, routing = self.mlp.route(y)
+            return h + out, routing
+        return h + self.mlp(y), None
+
+
+class DecoderStack(nn.Module):
+    """`model.*`: embedding, blocks, final norm."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = [Block(args, i) for i in range(args.num_hidden_layers)]
+        self.norm = make_norm(args, args.hidden_size)
+
+
+class MTPModule(nn.Module):
+    """Multi-token prediction depth k: h_k = Block(eh_proj([hnorm(h_{k-1}); enorm(emb(t_{i+k}))]))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D = args.hidden_size
+        self.enorm = make_norm(args, D)
+        self.hnorm = make_norm(args, D)
+        self.eh_proj = nn.Linear(2 * D, D, bias=False)
+        self.block = Block(args, args.num_hidden_layers)
+        self.norm = make_norm(args, D)
+
+
+def attention_mask(T: int, offset: int = 0, pad: Optional[mx.array] = None) -> Mask:
+    """Causal mask for T new tokens after `offset` cached ones, optionally hiding left padding.
+
+    pad: [B] number of left-padding tokens per row. Returns "causal" (fused) when no padding
+    needs masking, else a boolean [B, 1, T, offset + T] (True = may attend).
+    """
+    if pad is None:
+        return "causal" if T > 1 else None
+    S = offset + T
+    keys = mx.arange(S)
+    causal = keys[None, :] <= (mx.arange(T) + offset)[:, None]  # [T, S]
+    not_pad = keys[None, :] >= pad[:, None]  # [B, S]
+    return causal[None, None] & not_pad[:, None, None, :]
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        args.validate()
+        self.args = args
+        self.model = DecoderStack(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.num_nextn_predict_layers > 0:
+            self.mtp = [MTPModule(args) for _ in range(args.num_nextn_predict_layers)]
+        init_weights(self, args)
+
+    def forward(
+        self, inputs: mx.array, cache: Optional[list] = None, mask: Mask | bool = True
+    ) -> tuple[mx.array, mx.array, list[Routing]]:
+        """inputs [B, T] ids -> (logits [B, T, V], last hidden state before the final norm
+        [B, T, D], routing statistics of each MoE layer). mask=True builds the causal mask."""
+        T = inputs.shape[1]
+        if mask is True:
+            mask = attention_mask(T)
+        h = self.model.embed_tokens(inputs)
+        routing = []
+        for i, layer in enumerate(self.model.layers):
+            h, r = layer(h, mask, cache[i] if cache is not None else None)
+            if r is not None:
+                routing.append(r)
+        return self.lm_head(self.model.norm(h)), h, routing
+
+    def __call__(self, inputs: mx.array, cache: Optional[list] = None, mask: Mask | bool = True) -> mx.array:
+        """inputs [B, T] token ids -> logits [B, T, vocab]."""
+        return self.forward(inputs, cache, mask)[0]
+
+    def mtp_forward(self, hidden: mx.array, inputs: mx.array) -> tuple[list[mx.array], list[Routing]]:
+        """MTP logits for depths k = 1..D from the main model's last hidden state.
+
+        Depth k at position i sees h_{k-1}[i] and token t_{i+k} and predicts t_{i+k+1}; its
+        sequence is k shorter. Returns logits [B, T-k, V] per depth and their routing.
+        """
+        logits, routing = [], []
+        h = hidden
+        for k, m in enumerate(self.mtp, start=1):
+            T = h.shape[1] - 1
+            e = m.enorm(self.model.embed_tokens(inputs[:, k:]))  # t_{i+k}
+            h = m.eh_proj(mx.concatenate([m.hnorm(h[:, :T]), e], axis=-1))
+            h, r = m.block(h, attention_mask(T))
+            if r is not None:
+                routing.append(r)
+            logits.append(self.lm_head(m.norm(h)))
+        return logits, routing
+
+    @property
+    def layers(self) -> list:
+        return self.model.layers
+
+
+def init_weights(model: Model, args: ModelArgs) -> None:
+    """Normal(0, init_std) for every matrix and embedding; norms stay 1/0; routing bias 0.
+    Output projections (o_proj, down_proj) are scaled by 1/sqrt(2 * layers), as in GPT-2."""
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    std = args.init_std
+    out_std = std / (2 * args.num_hidden_layers) ** 0.5
+    new = []
+    for name, p in tree_flatten(model.parameters()):
+        if p.ndim < 2 or "norm" in name:
+            continue
+        s = out_std if ("o_proj" in name or "down_proj" in name) else std
+        new.append((name, mx.random.normal(p.shape, dtype=p.dtype) * s))
+    model.update(tree_unflatten(new))
