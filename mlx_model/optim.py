@@ -1,0 +1,63 @@
+"""Optimizer and learning-rate schedules (SPEC section 6).
+
+AdamW (betas 0.9/0.95, bias-corrected like torch.optim.AdamW), decoupled weight decay on
+matrices only (ndim >= 2: linears, stacked experts, embeddings), none on norms or biases; the
+routing bias is frozen, so it never reaches the optimizer. Gradients are clipped by global norm.
+Schedules: linear warmup, then cosine or warmup-stable-decay (linear decay over the last
+`decay_fraction` of steps), both ending at lr * min_lr_ratio.
+"""
+
+from __future__ import annotations
+
+import math
+
+import mlx.core as mx
+import mlx.optimizers as optim
+
+
+def lr_at(step: int, lr: float, warmup: int, total: int, schedule: str = "cosine",
+          min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
+    """Learning rate for optimizer step `step` (0-based), plain Python (the twin uses this too)."""
+    lo = lr * min_lr_ratio
+    if warmup > 0 and step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    if schedule == "wsd":
+        decay_start = total - max(1, int(round(decay_fraction * total)))
+        if step < decay_start:
+            return lr
+        frac = (step - decay_start + 1) / max(1, total - decay_start)
+        return lr + (lo - lr) * min(1.0, frac)
+    span = max(1, total - warmup)
+    frac = min(1.0, (step - warmup + 1) / span)
+    return lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * frac))
+
+
+def make_schedule(lr: float, warmup: int, total: int, schedule: str = "cosine",
+                  min_lr_ratio: float = 0.1, decay_fraction: float = 0.2):
+    """An mlx.optimizers-style schedule (step array -> lr array) equal to `lr_at`."""
+    table = mx.array([lr_at(s, lr, warmup, total, schedule, min_lr_ratio, decay_fraction) for s in range(total)]
+                     + [lr * min_lr_ratio if schedule != "constant" else lr])
+
+    def fn(step: mx.array) -> mx.array:
+        return table[mx.minimum(step, total)]
+
+    return fn
+
+
+def make_optimizer(learning_rate, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8):
+    """AdamW with decay on ndim >= 2 parameters only."""
+    decay = optim.AdamW(learning_rate, betas=list(betas), eps=eps, weight_decay=weight_decay, bias_correction=True)
+    no_decay = optim.AdamW(learning_rate, betas=list(betas), eps=eps, weight_decay=0.0, bias_correction=True)
+    return optim.MultiOptimizer([decay, no_decay], [lambda path, p: p.ndim >= 2])
+
+
+def clip_by_global_norm(grads, max_norm: float):
+    """(clipped grads, global norm before clipping); max_norm <= 0 disables clipping."""
+    if max_norm <= 0:
+        from mlx.utils import tree_flatten
+
+        norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        return grads, norm
+    return optim.clip_grad_norm(grads, max_norm)
