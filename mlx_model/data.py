@@ -45,10 +45,7 @@ def _default_corpus() -> list[str]:
 
 
 def _expand(paths: list[str]) -> list[tuple[Path, bool]]:
-    """Files named by `paths`, directories walked recursively and sorted, hidden ones skipped.
-
-    Returns (file, explicit) pairs; explicit is False for files found inside a directory.
-    """
+    """(file, explicit) pairs; directories are walked sorted, hidden entries skipped."""
     files: list[tuple[Path, bool]] = []
     for p in map(Path, paths):
         if p.is_file():

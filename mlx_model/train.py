@@ -56,7 +56,8 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch (per rank)
     seq_len: int = 128  # tokens per sequence
     accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 600  # optimizer steps
+    max_steps: int = 600  # optimizer steps (sets the lr schedule)
+    stop_at: int = 0  # stop and save after this step, keeping the schedule (0 = run to max_steps)
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
     warmup: int = 30  # linear warmup steps
@@ -140,7 +141,7 @@ def resolve(argv: Optional[list[str]] = None) -> tuple[TrainConfig, ModelArgs]:
     name = ns.get("preset", "small")
     if ns.get("resume"):
         state = _read_trainer_state(ns["resume"])
-        base = {**state["train_config"], **{k: v for k, v in ns.items() if k in train_keys}}
+        base = {**state["train_config"], "stop_at": 0, **{k: v for k, v in ns.items() if k in train_keys}}
         args = ckpt.load_args(ns["resume"])
         return TrainConfig(**base), args
     args = preset(name)
@@ -411,7 +412,8 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
     step = start
     t0 = time.perf_counter()
     try:
-        while step < cfg.max_steps and not interrupted:
+        end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_steps
+        while step < end and not interrupted:
             lr = float(trainer.schedule(mx.array(step)))
             batches = [mx.array(get_batch(train_ids, cfg.batch_size, cfg.seq_len, cfg.seed, step, m, rank, world))
                        for m in range(cfg.accum)]
@@ -424,7 +426,7 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
             if not math.isfinite(m["loss"]):
                 raise TrainError(f"loss became {m['loss']} at step {step}: lower --lr or check the data")
             last = m
-            if step % cfg.log_every == 0 or step == cfg.max_steps or step == start + 1:
+            if step % cfg.log_every == 0 or step == cfg.max_steps or step == 1:
                 log({k: m[k] for k in ("step", "loss", "ce", "ppl", "lr", "tokens_per_s", "grad_norm")
                      if k in m} | {k: v for k, v in m.items() if k in ("balance", "mtp", "expert_load_max_over_mean",
                                                                     "expert_load", "dropped_fraction",
@@ -443,7 +445,7 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
                     post["val"] = f"{last['val_ce']:.3f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
-            if rank == 0 and (step % cfg.save_every == 0 or step == cfg.max_steps):
+            if rank == 0 and (step % cfg.save_every == 0 or step in (cfg.max_steps, end)):
                 trainer.save(out, tok, step)
                 t0 = time.perf_counter()
         if interrupted and rank == 0:
