@@ -5,19 +5,24 @@ gradients; one compiled update (average, all-reduce across ranks, clip, AdamW); 
 balance-bias sign update from the step's summed expert counts; log; evaluate every
 `eval_every` steps on fixed validation batches; checkpoint every `save_every` steps.
 Data parallel when launched by `mlx.launch` (mx.distributed): each rank reads its shard of
-every global batch; only rank 0 writes files and the progress bar.
+every global batch; only rank 0 writes files and the progress bar. A rank that dies, hangs or
+cannot connect ends the run with an error line within `dist_timeout` seconds (see Watchdog).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import faulthandler
 import json
 import math
 import os
+import select
 import signal
 import sys
+import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -74,6 +79,7 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16
     compile: bool = True  # mx.compile the step functions
     progress: bool = True  # show the progress bar
+    dist_timeout: float = 300.0  # data parallel: seconds without progress from the other ranks before giving up
 
 
 PRESET_TRAINING = {
@@ -181,6 +187,8 @@ def check_config(cfg: TrainConfig) -> None:
         bad("val_fraction", "must be in (0, 0.5)")
     if cfg.warmup < 0:
         bad("warmup", "must be >= 0")
+    if cfg.dist_timeout <= 0:
+        bad("dist_timeout", "must be > 0 seconds")
 
 
 # ------------------------------------------------------------------------ training
@@ -225,10 +233,9 @@ class Trainer:
         return tree_map(mx.add, acc, grads), terms
 
     def _update(self, acc: dict) -> mx.array:
-        scale = 1.0 / (self.cfg.accum * self.world)
-        grads = tree_map(lambda g: g * scale, acc)
-        if self.world > 1:
-            grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group), grads)
+        grads = tree_map(lambda g: g * (1.0 / self.cfg.accum), acc)
+        if self.world > 1:  # mean over ranks: all gradients concatenated into one all_sum
+            grads = nn.average_gradients(grads, group=self.group)
         grads, norm = clip_by_global_norm(grads, self.cfg.grad_clip)
         self.optimizer.update(self.model, grads)
         return norm
@@ -292,6 +299,83 @@ class Trainer:
 
 
 
+# -------------------------------------------------------------------- data parallel
+class Watchdog:
+    """Data parallel: ends this rank with one `error: rank R: ...` line when the others stop.
+
+    MLX's ring backend raises when a peer's socket closes (caught in the loop), but waits forever
+    for a peer that hangs or whose machine vanished; mlx.launch stops the other ranks with SIGTERM
+    when one exits with an error. A thread (MLX releases the GIL while it waits) fails the rank when
+    `kick` was not called for `timeout` s or on SIGTERM, never while `lock` is held (a checkpoint
+    is being written). Inert when world == 1.
+    """
+
+    def __init__(self, rank: int, world: int, timeout: float, last_checkpoint: str):
+        self.rank, self.timeout, self.last_checkpoint = rank, timeout, last_checkpoint
+        self.lock, self.active, self.beat = threading.Lock(), world > 1, time.monotonic()
+        if not self.active:
+            return
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        # Python's C-level handler writes the signal number to the wakeup fd at once, even while the
+        # main thread waits inside MLX; the thread reads it there.
+        self._old_term = signal.signal(signal.SIGTERM, lambda *a: None)
+        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        threading.Thread(target=self._run, daemon=True, name="dist-watchdog").start()
+
+    def kick(self, step: int, saved: bool = False) -> None:
+        """Record progress after `step` (and that its checkpoint was written)."""
+        self.beat = time.monotonic()
+        if saved:
+            self.last_checkpoint = f"step {step}"
+
+    def fail(self, why: str) -> None:
+        """Print the error line and end the process with status 2 (once, after any checkpoint write)."""
+        with self.lock:
+            print(f"\nerror: rank {self.rank}: {why}; last checkpoint: {self.last_checkpoint}", file=sys.stderr,
+                  flush=True)
+            os._exit(2)
+
+    def close(self) -> None:
+        if self.active:
+            self.active = False
+            signal.set_wakeup_fd(self._old_fd)
+            signal.signal(signal.SIGTERM, self._old_term)
+
+    def _run(self) -> None:
+        term = False
+        while self.active:
+            if select.select([self._r], [], [], 1.0)[0]:
+                term = term or signal.SIGTERM in os.read(self._r, 256)
+            if not self.active:
+                break
+            if term:
+                self.fail("stopped by the launcher (SIGTERM), usually because another rank failed (see its message)")
+            if time.monotonic() - self.beat > self.timeout:
+                self.fail(f"no progress from the other ranks for {self.timeout:g} s (a rank died, hangs or "
+                          "cannot connect; raise --dist-timeout if steps are that slow)")
+        os.close(self._r)
+        os.close(self._w)
+
+
+def _all_sum_or_fail(group: Any, x: mx.array, what: str) -> mx.array:
+    """A collective outside the step loop; a lost peer becomes a TrainError naming `what`."""
+    try:
+        y = mx.distributed.all_sum(x, group=group)
+        mx.eval(y)
+        return y
+    except RuntimeError as e:
+        raise TrainError(f"rank {group.rank()}: lost the connection to the other ranks {what} ({e}): "
+                         "a rank died or cannot connect") from None
+
+
+def _stop_agreed(trainer: Trainer, interrupted: list) -> bool:
+    """True once any rank saw Ctrl-C, on every rank at the same step (so all stop and rank 0 saves)."""
+    if trainer.world > 1 and trainer.all_sum(mx.array(float(len(interrupted)))).item() > 0:
+        interrupted.append(1)
+    return bool(interrupted)
+
+
 def load_optimizer_state(path: Path) -> dict:
     f = path / "optimizer.safetensors"
     if not f.is_file():
@@ -345,7 +429,15 @@ def build_model(cfg: TrainConfig, args: ModelArgs) -> Model:
 def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
     """Run training; returns the last metrics. Raises the *Error classes on bad input."""
     check_config(cfg)
-    group = mx.distributed.init()
+    # Bound a rank that waits for peers that never connect (that wait holds the GIL: no thread runs).
+    faulthandler.dump_traceback_later(cfg.dist_timeout, exit=True)
+    try:
+        group = mx.distributed.init()  # size 1 without a launcher
+    except RuntimeError as e:
+        raise TrainError(f"cannot connect to the other ranks ({e}): check the hostfile's ips, the firewall, "
+                         "and that every host started") from None
+    finally:
+        faulthandler.cancel_dump_traceback_later()
     rank, world = group.rank(), group.size()
     group = group if world > 1 else None
     out = Path(cfg.out)
@@ -363,7 +455,17 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
                                                                   "capacity_factor", "mtp_loss_weight")})
     cache_dir = cfg.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                                               "mlx_deepseek")
+    if world > 1 and rank > 0:  # rank 0 fills the tokenized-data cache first; the others then read it
+        _all_sum_or_fail(group, mx.array(0.0), "during start-up")
     tok, train_ids, val_ids = prepare_data(cfg.data, tok_src, args.vocab_size, cache_dir, cfg.val_fraction)
+    if world > 1:  # every rank must cut its shards from the same token stream
+        if rank == 0:
+            _all_sum_or_fail(group, mx.array(0.0), "during start-up")
+        sig = mx.array([int(v) % 65521 for v in (len(train_ids), len(val_ids), tok.vocab_size,
+                                                  train_ids[::997].sum(dtype=np.uint64))], mx.float32)
+        if not mx.array_equal(_all_sum_or_fail(group, sig, "during start-up"), sig * world).item():
+            raise TrainError(f"rank {rank} has different training data ({len(train_ids)} tokens) or tokenizer than "
+                             "another rank: give every host the same --data files, --tokenizer and --val-fraction")
     if tok.vocab_size > args.vocab_size:
         raise TrainError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{args.vocab_size}: pass --vocab-size {tok.vocab_size} or a matching tokenizer")
@@ -378,8 +480,8 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
     opt_state = load_optimizer_state(Path(cfg.resume)) if cfg.resume else None
     trainer = Trainer(cfg, model.args, model, group, opt_state)
     val = eval_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-    if world > 1:  # each rank evaluates its own share of the fixed validation batches
-        val = val[rank::world] or val[:1]
+    if world > 1:  # each rank evaluates its share (maybe none); evaluate() all_sums token-weighted CE
+        val = val[rank::world]
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     if rank == 0:
         print(f"model: {n_params / 1e6:.2f}M parameters, {args.attention_type.upper()}, "
@@ -410,10 +512,11 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.accum * world
     last: dict[str, Any] = {}
     step = start
+    wd = Watchdog(rank, world, cfg.dist_timeout, f"{cfg.resume} (step {start})" if cfg.resume else "none yet")
     t0 = time.perf_counter()
     try:
         end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_steps
-        while step < end and not interrupted:
+        while step < end and not _stop_agreed(trainer, interrupted):
             lr = float(trainer.schedule(mx.array(step)))
             batches = [mx.array(get_batch(train_ids, cfg.batch_size, cfg.seq_len, cfg.seed, step, m, rank, world))
                        for m in range(cfg.accum)]
@@ -445,13 +548,22 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
                     post["val"] = f"{last['val_ce']:.3f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
-            if rank == 0 and (step % cfg.save_every == 0 or step in (cfg.max_steps, end)):
-                trainer.save(out, tok, step)
+            saving = step % cfg.save_every == 0 or step in (cfg.max_steps, end)
+            if rank == 0 and saving:
+                with wd.lock:  # a failing rank exits only after the checkpoint is complete
+                    trainer.save(out, tok, step)
                 t0 = time.perf_counter()
+            wd.kick(step, saved=saving)
         if interrupted and rank == 0:
-            trainer.save(out, tok, step)
+            with wd.lock:
+                trainer.save(out, tok, step)
             print(f"\ninterrupted: saved step {step} to {out}; continue with --resume {out}", file=sys.stderr)
+    except RuntimeError as e:  # MLX's ring backend: "[ring] connection to a peer was lost"
+        if world == 1:
+            raise
+        wd.fail(f"lost the connection to another rank after step {step} ({e}): a rank died or cannot connect")
     finally:
+        wd.close()
         signal.signal(signal.SIGINT, old_handler)
         if bar is not None:
             bar.close()

@@ -179,27 +179,74 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_tiny_run_and_resume_equals_uninterrupted(tmp_path, corpus):
-    common = ["--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--log-every",
-              "1", "--eval-every", "4", "--progress", "false", "--max-steps", "12"]
-    full = run_train(*common, "--out", str(tmp_path / "full"))
+COMMON = ["--preset", "tiny", "--log-every", "1", "--eval-every", "4", "--progress", "false", "--max-steps", "12"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, corpus) -> Path:
+    """One uninterrupted 12-step tiny run, shared by the tests below."""
+    root = tmp_path_factory.mktemp("run")
+    full = run_train(*COMMON, "--data", str(corpus), "--cache-dir", str(root / "cache"), "--out", str(root / "full"))
     assert full.returncode == 0, full.stderr[-2000:]
-    rows = metrics(tmp_path / "full")
-    assert all(r["ce"] >= 0 for r in rows if "ce" in r)
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "optimizer.safetensors",
-                 "trainer_state.json"):
-        assert (tmp_path / "full" / name).is_file(), name
-    part = run_train(*common, "--stop-at", "6", "--out", str(tmp_path / "part"))
+    return root / "full"
+
+
+def test_tiny_run_writes_checkpoint_and_sane_metrics(tiny_run):
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                 "optimizer.safetensors", "trainer_state.json", "metrics.jsonl"):
+        assert (tiny_run / name).is_file(), name
+    rows = metrics(tiny_run)
+    train_rows = [r for r in rows if "ce" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 13))
+    for r in train_rows:
+        assert r["ce"] >= 0 and r["loss"] >= r["ce"] - 1e-6 and r["tokens_per_s"] > 0 and r["lr"] > 0
+        assert abs(r["ppl"] - np.exp(r["ce"])) < 1e-6 * r["ppl"]
+        assert r["expert_load_max_over_mean"] >= 1.0
+    val = [r["val_ce"] for r in rows if "val_ce" in r]
+    assert len(val) == 3 and val[-1] < val[0], val
+
+
+def test_resume_equals_uninterrupted(tmp_path, corpus, tiny_run):
+    part = run_train(*COMMON, "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--stop-at", "6",
+                     "--out", str(tmp_path / "part"))
     assert part.returncode == 0, part.stderr[-2000:]
-    res = run_train("--resume", str(tmp_path / "part"), "--max-steps", "12", "--progress", "false")
+    assert json.loads((tmp_path / "part" / "trainer_state.json").read_text())["step"] == 6
+    res = run_train("--resume", str(tmp_path / "part"), "--progress", "false")
     assert res.returncode == 0, res.stderr[-2000:]
-    a = {(r["step"], "ce" in r): r for r in rows}
+    a = {(r["step"], "ce" in r): r for r in metrics(tiny_run)}
     b = {(r["step"], "ce" in r): r for r in metrics(tmp_path / "part")}
     assert a.keys() == b.keys()
     for key in a:
-        for m in ("ce", "loss", "val_ce"):
+        for m in ("ce", "loss", "val_ce", "lr", "grad_norm"):
             if m in a[key]:
                 assert a[key][m] == b[key][m], f"step {key[0]} {m}: {a[key][m]} vs {b[key][m]}"
+
+
+def test_evaluate_cli_matches_library(tiny_run, corpus, tmp_path):
+    from mlx_model.data import Tokenizer
+    from mlx_model.evaluate import evaluate
+
+    text = tmp_path / "eval.txt"
+    text.write_text(corpus.read_text()[:8000])
+    r = subprocess.run([sys.executable, "-m", "mlx_model.evaluate", "--model", str(tiny_run), "--data", str(text),
+                        "--seq-len", "32"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ce_cli = float(r.stdout.split()[1])
+    tok = Tokenizer.load(str(tiny_run))
+    ids = np.array(tok.encode(text.read_text()) + [tok.eos_id], dtype=np.int32)
+    ref = evaluate(ckpt.load_model(tiny_run), ids, 32)
+    assert abs(ce_cli - ref["ce"]) < 1e-3 and ref["ce"] > 0
+    bad(subprocess.run([sys.executable, "-m", "mlx_model.evaluate", "--model", str(corpus.parent), "--data",
+                        str(corpus)], cwd=ROOT, capture_output=True, text=True, timeout=300), "config.json")
+
+
+def test_plot_writes_pngs(tiny_run, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tools.plot", str(tiny_run), "--out-dir", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for name in ("loss.png", "lr.png", "expert_load.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, name
 
 
 def bad(result: subprocess.CompletedProcess, *words: str) -> None:
