@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import faulthandler
 import json
 import math
 import os
 import select
 import signal
+import subprocess
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -310,8 +309,8 @@ class Watchdog:
     is being written). Inert when world == 1.
     """
 
-    def __init__(self, rank: int, world: int, timeout: float, last_checkpoint: str):
-        self.rank, self.timeout, self.last_checkpoint = rank, timeout, last_checkpoint
+    def __init__(self, rank: int, world: int, timeout: float, out: Path, last_checkpoint: str):
+        self.rank, self.timeout, self.out, self.last_checkpoint = rank, timeout, out, last_checkpoint
         self.lock, self.active, self.beat = threading.Lock(), world > 1, time.monotonic()
         if not self.active:
             return
@@ -327,7 +326,7 @@ class Watchdog:
         """Record progress after `step` (and that its checkpoint was written)."""
         self.beat = time.monotonic()
         if saved:
-            self.last_checkpoint = f"step {step}"
+            self.last_checkpoint = f"{self.out} (step {step})"
 
     def fail(self, why: str) -> None:
         """Print the error line and end the process with status 2 (once, after any checkpoint write)."""
@@ -337,10 +336,10 @@ class Watchdog:
             os._exit(2)
 
     def close(self) -> None:
-        if self.active:
-            self.active = False
+        if self.active:  # restore first: the thread closes the pipe once it sees active == False
             signal.set_wakeup_fd(self._old_fd)
             signal.signal(signal.SIGTERM, self._old_term)
+            self.active = False
 
     def _run(self) -> None:
         term = False
@@ -350,12 +349,46 @@ class Watchdog:
             if not self.active:
                 break
             if term:
-                self.fail("stopped by the launcher (SIGTERM), usually because another rank failed (see its message)")
+                self.fail("stopped by the launcher (SIGTERM), usually because another rank died or failed (see the "
+                          "launcher's [WARN] lines)")
             if time.monotonic() - self.beat > self.timeout:
                 self.fail(f"no progress from the other ranks for {self.timeout:g} s (a rank died, hangs or "
                           "cannot connect; raise --dist-timeout if steps are that slow)")
         os.close(self._r)
         os.close(self._w)
+
+
+_INIT_GUARD = """import os, signal, sys, time
+ppid, end = os.getppid(), time.monotonic() + float(sys.argv[1])
+while os.getppid() == ppid and time.monotonic() < end:
+    time.sleep(0.5)
+if os.getppid() == ppid:
+    print(sys.argv[2], file=sys.stderr, flush=True)
+    os.kill(ppid, signal.SIGKILL)
+"""
+
+
+def init_group(timeout: float) -> Any:
+    """mx.distributed.init() (size 1 without a launcher), ended with an error line after `timeout` s.
+
+    A rank that waits for peers that never connect holds the GIL (no thread of ours runs), so under
+    a launcher (MLX_RANK set) a small guard process prints the error and kills this one.
+    """
+    rank = os.environ.get("MLX_RANK")
+    guard = None
+    if rank is not None:
+        why = (f"error: rank {rank}: no connection to the other ranks after {timeout:g} s (a rank died or cannot "
+               "connect: check the hostfile's ips and the firewall)")
+        guard = subprocess.Popen([sys.executable, "-c", _INIT_GUARD, str(timeout), why], stdin=subprocess.DEVNULL)
+    try:
+        return mx.distributed.init()
+    except RuntimeError as e:  # ring: a rank that cannot reach the next one gives up after about 30 s
+        raise TrainError(f"rank {rank or '?'}: cannot connect to the other ranks ({e}): check the hostfile's ips, "
+                         "the firewall, and that every host started") from None
+    finally:
+        if guard is not None:
+            guard.kill()
+            guard.wait()
 
 
 def _all_sum_or_fail(group: Any, x: mx.array, what: str) -> mx.array:
@@ -429,15 +462,7 @@ def build_model(cfg: TrainConfig, args: ModelArgs) -> Model:
 def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
     """Run training; returns the last metrics. Raises the *Error classes on bad input."""
     check_config(cfg)
-    # Bound a rank that waits for peers that never connect (that wait holds the GIL: no thread runs).
-    faulthandler.dump_traceback_later(cfg.dist_timeout, exit=True)
-    try:
-        group = mx.distributed.init()  # size 1 without a launcher
-    except RuntimeError as e:
-        raise TrainError(f"cannot connect to the other ranks ({e}): check the hostfile's ips, the firewall, "
-                         "and that every host started") from None
-    finally:
-        faulthandler.cancel_dump_traceback_later()
+    group = init_group(cfg.dist_timeout)
     rank, world = group.rank(), group.size()
     group = group if world > 1 else None
     out = Path(cfg.out)
@@ -479,9 +504,11 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
     model = build_model(cfg, args)
     opt_state = load_optimizer_state(Path(cfg.resume)) if cfg.resume else None
     trainer = Trainer(cfg, model.args, model, group, opt_state)
-    val = eval_batches(val_ids, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-    if world > 1:  # each rank evaluates its share (maybe none); evaluate() all_sums token-weighted CE
-        val = val[rank::world]
+    # Fixed validation batches of the global size; rank r evaluates rows [r*B, (r+1)*B) of each (maybe
+    # none of a short last batch) and evaluate() all_sums token-weighted CE: the same value as one rank.
+    val = eval_batches(val_ids, cfg.batch_size * world, cfg.seq_len, cfg.eval_batches)
+    if world > 1:
+        val = [v for v in (b[rank * cfg.batch_size:(rank + 1) * cfg.batch_size] for b in val) if len(v)]
     n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
     if rank == 0:
         print(f"model: {n_params / 1e6:.2f}M parameters, {args.attention_type.upper()}, "
@@ -512,7 +539,7 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.accum * world
     last: dict[str, Any] = {}
     step = start
-    wd = Watchdog(rank, world, cfg.dist_timeout, f"{cfg.resume} (step {start})" if cfg.resume else "none yet")
+    wd = Watchdog(rank, world, cfg.dist_timeout, out, f"{cfg.resume} (step {start})" if cfg.resume else "none yet")
     t0 = time.perf_counter()
     try:
         end = min(cfg.max_steps, cfg.stop_at) if cfg.stop_at > 0 else cfg.max_steps
@@ -558,8 +585,11 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
             with wd.lock:
                 trainer.save(out, tok, step)
             print(f"\ninterrupted: saved step {step} to {out}; continue with --resume {out}", file=sys.stderr)
+        if interrupted and world > 1:  # the others wait for that checkpoint: mlx.launch stops all ranks when
+            wd.close()  # one exits with an error status (130 here)
+            _all_sum_or_fail(group, mx.array(0.0), "after Ctrl-C")
     except RuntimeError as e:  # MLX's ring backend: "[ring] connection to a peer was lost"
-        if world == 1:
+        if world == 1 or not any(w in str(e).lower() for w in ("[ring]", "connection", "peer", "socket")):
             raise
         wd.fail(f"lost the connection to another rank after step {step} ({e}): a rank died or cannot connect")
     finally:
