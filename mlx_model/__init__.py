@@ -11,7 +11,11 @@ __all__ = ["load", "generate"]
 
 def __getattr__(name: str) -> Any:
     if name in ("load", "generate"):
-        from . import generate as _g
+        import importlib
 
-        return getattr(_g, name)
+        # `from . import generate` would recurse into this hook; importing the submodule
+        # binds the package attribute `generate` to the module, so rebind both functions.
+        _g = importlib.import_module(".generate", __name__)
+        globals().update(load=_g.load, generate=_g.generate)
+        return globals()[name]
     raise AttributeError(name)

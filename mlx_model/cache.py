@@ -5,6 +5,7 @@ Each layer caches two tensors per token, preallocated in steps:
   (kv_lora_rank + qk_rope_head_dim numbers per token per layer; keys/values are never expanded);
 - MQA: the single shared key and value head [B, 1, S, head_dim] each.
 Beams are batch rows: `reorder(rows)` picks and repeats rows after each beam-search step.
+`StaticKVCache` holds the same tensors at a fixed capacity for the compiled decode step.
 """
 
 from __future__ import annotations
@@ -63,3 +64,42 @@ class KVCache:
 def make_cache(args: ModelArgs) -> list[KVCache]:
     """One cache per transformer layer (MTP modules are not used when decoding)."""
     return [KVCache() for _ in range(args.num_hidden_layers)]
+
+
+class StaticKVCache:
+    """A fixed-capacity KVCache for a compiled decode step: same interface, array offset.
+
+    `offset` is an mx.array scalar, so one traced graph serves every position;
+    `update_and_fetch` writes with mx.slice_update and returns the whole buffer, so the caller
+    must mask keys at positions > offset (see generate.decode_mask).
+    """
+
+    def __init__(self, a: mx.array, b: mx.array, offset: mx.array):
+        self.a, self.b, self.offset = a, b, offset
+
+    @classmethod
+    def from_cache(cls, cache: KVCache, capacity: int) -> "StaticKVCache":
+        """Copy a filled KVCache into buffers of `capacity` tokens."""
+        n = cache.offset
+        pad = [(0, 0), (0, 0), (0, capacity - n), (0, 0)]
+        a, b = (mx.pad(x[:, :, :n], pad) for x in (cache.a, cache.b))
+        return cls(a, b, mx.array(n, mx.int32))
+
+    def update_and_fetch(self, a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
+        """Write a, b ([B, 1, L, *]) at offset; return the full buffers [B, 1, capacity, *]."""
+        self.a = mx.slice_update(self.a, a, self.offset[None], axes=(2,))
+        self.b = mx.slice_update(self.b, b, self.offset[None], axes=(2,))
+        return self.a, self.b
+
+    def reorder(self, rows: mx.array) -> None:
+        self.a, self.b = self.a[rows], self.b[rows]
+
+    @property
+    def state(self) -> list[mx.array]:
+        return [self.a, self.b]
+
+    def numbers_per_token(self) -> int:
+        return self.a.shape[3] + self.b.shape[3]
+
+    def nbytes_per_token(self) -> int:
+        return self.numbers_per_token() * self.a.dtype.size
