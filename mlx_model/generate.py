@@ -91,10 +91,8 @@ def encode_prompt(
 
 # ------------------------------------------------------------------------------ masks
 def prefill_mask(T: int, pad: Optional[mx.array]) -> Any:
-    """Causal mask hiding left padding; pad queries see themselves so no row is empty."""
-    if pad is None:
-        return "causal" if T > 1 else None
-    return attention_mask(T, 0, pad) | mx.eye(T, dtype=mx.bool_)[None, None]
+    """Causal mask hiding left padding (pad queries see themselves, so no row is empty)."""
+    return attention_mask(T, 0, pad)
 
 
 def decode_mask(offset: mx.array, pad: mx.array, S: int) -> mx.array:

@@ -70,9 +70,12 @@ def attention_mask(T: int, offset: int = 0, pad: Optional[mx.array] = None) -> M
         return "causal" if T > 1 else None
     S = offset + T
     keys = mx.arange(S)
-    causal = keys[None, :] <= (mx.arange(T) + offset)[:, None]  # [T, S]
+    queries = mx.arange(T) + offset
+    causal = keys[None, :] <= queries[:, None]  # [T, S]
     not_pad = keys[None, :] >= pad[:, None]  # [B, S]
-    return causal[None, None] & not_pad[:, None, None, :]
+    # A padding query still sees itself, so no softmax row is entirely masked.
+    self_key = keys[None, :] == queries[:, None]  # [T, S]
+    return (causal[None, None] & not_pad[:, None, None, :]) | self_key[None, None]
 
 
 class Model(nn.Module):
