@@ -1,6 +1,7 @@
 """Checkpoint directories, shared by training, generation, evaluation and the tools.
 
-A checkpoint is a Hugging Face-style directory:
+A checkpoint is a Hugging Face-style directory (a valid HF `deepseek_v3` one whenever the config
+has that form; otherwise config.json says model_type mlx_deepseek and why, see config.py):
     config.json          ModelArgs.to_dict() (deepseek_v3 keys + our extras)
     model.safetensors    weights under SPEC section 2 names, routed experts per expert
     mtp.safetensors      multi-token-prediction modules (kept out of model.safetensors so that
@@ -10,6 +11,8 @@ A checkpoint is a Hugging Face-style directory:
     metrics.jsonl        appended by the trainer
 Every file is written to a temporary name and moved into place with os.replace, weights first
 and trainer_state.json last, so a crash mid-save leaves the previous files loadable.
+`load_model` also reads directories written by transformers and mlx-lm (sharded, bfloat16,
+stacked or fused experts, MTP layers): the layout differences live in `hf.py`.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .config import ConfigError, ModelArgs
+from .config import HF_MODEL_TYPE, OWN_MODEL_TYPE, ConfigError, ModelArgs
 
 EXPERT_STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.weight$")
 EXPERT_SINGLE = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -115,16 +118,30 @@ def require_dir(path: str | Path) -> Path:
     return p
 
 
-def load_args(path: str | Path) -> ModelArgs:
+def read_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a checkpoint directory as a dict (CheckpointError if absent or invalid)."""
     p = require_dir(path)
     try:
         d = json.loads((p / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{p / 'config.json'} is not valid JSON ({e})") from None
-    if d.get("model_type") != "deepseek_v3":
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{p / 'config.json'} does not hold a JSON object")
+    return d
+
+
+def load_args(path: str | Path) -> ModelArgs:
+    """ModelArgs of a checkpoint directory (ours, or a Hugging Face deepseek_v3 one)."""
+    from .hf import check_not_quantized
+
+    p = Path(path)
+    d = read_config(p)
+    if d.get("model_type") not in (HF_MODEL_TYPE, OWN_MODEL_TYPE):
         raise CheckpointError(
-            f"{p}: model_type {d.get('model_type')!r} is not supported; only deepseek_v3 checkpoints load here"
+            f"{p}: model_type {d.get('model_type')!r} is not supported; only {HF_MODEL_TYPE} "
+            f"checkpoints (and our {OWN_MODEL_TYPE}) load here"
         )
+    check_not_quantized(d, str(p))
     try:
         return ModelArgs.from_dict(d).validate()
     except (ConfigError, TypeError) as e:
@@ -148,7 +165,11 @@ def save_model(out_dir: str | Path, model: Any, tokenizer: Any = None) -> None:
         (out / "mtp.safetensors").unlink()
     if tokenizer is not None:
         tokenizer.save(str(out))
-    write_json(out / "config.json", model.args.to_dict())
+    if (out / "model.safetensors.index.json").exists():  # a stale shard index would win
+        (out / "model.safetensors.index.json").unlink()
+    config = model.args.to_dict()
+    config["torch_dtype"] = str(model.lm_head.weight.dtype).replace("mlx.core.", "")
+    write_json(out / "config.json", config)
 
 
 def check_shapes(expected: dict[str, tuple], got: dict[str, Any], where: str) -> None:
@@ -166,20 +187,29 @@ def check_shapes(expected: dict[str, tuple], got: dict[str, Any], where: str) ->
 
 
 def load_model(path: str | Path, dtype: Any = None) -> Any:
-    """Build the MLX Model from a checkpoint directory and load its weights (strict)."""
+    """Build the MLX Model from a checkpoint directory and load its weights (strict).
+
+    Reads our directories and Hugging Face deepseek_v3 ones (one file or shards, any float
+    dtype, per-expert/stacked/fused experts; see hf.py). dtype None keeps the file's dtypes.
+    """
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
+    from . import hf
     from .model import Model
 
     p = require_dir(path)
     args = load_args(p)
-    weights = {}
-    for f in sorted(p.glob("model*.safetensors")) + sorted(p.glob("mtp.safetensors")):
+    weights: dict[str, Any] = {}
+    for f in hf.weight_files(p):
         weights.update(read_safetensors(f))
-    if not weights:
-        raise CheckpointError(f"{p} has no model.safetensors: training did not save weights there")
-    weights = stack_experts(weights, mx.stack)
+    hf.check_weights_not_quantized(weights, str(p))
+    try:  # any supported layout -> our names, experts stacked [E, out, in]
+        concat = lambda xs, axis: mx.concatenate(xs, axis)  # noqa: E731
+        weights, args = hf.normalise_weights(weights, args, mx.stack, concat)
+        weights = stack_experts(weights, mx.stack)
+    except CheckpointError as e:
+        raise CheckpointError(f"{p}: {e}") from None
     if args.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in weights):
         args = args.replace(num_nextn_predict_layers=0)  # MTP modules not shipped: not needed to decode
     model = Model(args)
@@ -187,6 +217,8 @@ def load_model(path: str | Path, dtype: Any = None) -> Any:
     check_shapes(expected, weights, str(p))
     if dtype is not None:  # the routing bias stays float32 (SPEC section 4)
         weights = {k: v if "e_score_correction_bias" in k else v.astype(dtype) for k, v in weights.items()}
+    bias = "e_score_correction_bias"  # float32 whatever the file holds (transformers: a buffer)
+    weights = {k: v.astype(mx.float32) if bias in k else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)
     mx.eval(model.parameters())
     return model

@@ -19,6 +19,15 @@ class ConfigError(ValueError):
     """An invalid configuration value; the message is one line naming the key and the fix."""
 
 
+# config.json `model_type`: the Hugging Face family when the config has a deepseek_v3 form, else
+# our own name, so that mlx-lm and transformers refuse the directory ("model type mlx_deepseek
+# not supported") instead of loading different weights or silently computing something else.
+HF_MODEL_TYPE = "deepseek_v3"
+OWN_MODEL_TYPE = "mlx_deepseek"
+HF_ARCHITECTURE = "DeepseekV3ForCausalLM"
+OWN_ARCHITECTURE = "MlxDeepseekForCausalLM"
+
+
 @dataclass
 class ModelArgs:
     """Architecture of the DeepSeek-style model.
@@ -149,6 +158,10 @@ class ModelArgs:
             reasons.append("n_shared_experts 0 (the format needs >= 1 shared expert)")
         if self.n_routed_experts == 0:
             reasons.append("n_routed_experts 0 (deepseek_v3 layers past first_k_dense are MoE)")
+        if self.n_routed_experts > 0 and self.moe_layer_freq != 1:
+            reasons.append(
+                "moe_layer_freq != 1 (transformers makes every layer past first_k_dense MoE)"
+            )
         if self.n_routed_experts > 0 and self.num_experts_per_tok == 1 and self.norm_topk_prob:
             reasons.append(
                 "num_experts_per_tok 1 with norm_topk_prob true (mlx-lm and transformers "
@@ -179,8 +192,8 @@ class ModelArgs:
             v = getattr(self, key)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(key, "must be a positive integer")
-        if self.model_type != "deepseek_v3":
-            bad("model_type", "only 'deepseek_v3' checkpoints are supported")
+        if self.model_type not in (HF_MODEL_TYPE, OWN_MODEL_TYPE):
+            bad("model_type", f"only {HF_MODEL_TYPE!r} (or our {OWN_MODEL_TYPE!r}) is supported")
         if self.attention_type not in ("mla", "mqa"):
             bad("attention_type", "choose 'mla' or 'mqa'")
         if self.norm_type not in ("rmsnorm", "layernorm"):
@@ -238,6 +251,12 @@ class ModelArgs:
             bad("tie_word_embeddings", "the output head is untied; set false")
         if self.attention_bias:
             bad("attention_bias", "not supported; set false")
+        if self.rope_scaling is not None:
+            bad("rope_scaling", "RoPE scaling (YaRN) is not implemented here; remove it (null)")
+        if self.hidden_act != "silu":
+            bad("hidden_act", "only 'silu' (SwiGLU experts) is implemented")
+        if self.topk_method != "noaux_tc":
+            bad("topk_method", "only 'noaux_tc' (top-k of scores + routing bias) is implemented")
         if not self.rope_interleave:
             bad("rope_interleave", "only interleaved RoPE is supported (as in mlx-lm)")
         return self
@@ -248,24 +267,39 @@ class ModelArgs:
         """Build from a config dict (our config.json or a Hugging Face one); unknown keys ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
-        if kw.get("n_routed_experts") is None and "n_routed_experts" in kw:
-            kw["n_routed_experts"] = 0
-        if kw.get("n_shared_experts") is None and "n_shared_experts" in kw:
-            kw["n_shared_experts"] = 0
+        if kw.get("model_type") == OWN_MODEL_TYPE:
+            kw["model_type"] = HF_MODEL_TYPE  # same model; the name only makes other tools refuse it
+        # transformers allows null for these and reads null as the neutral value
+        neutral_values = {"n_routed_experts": 0, "n_shared_experts": 0, "n_group": 1, "topk_group": 1,
+                          "first_k_dense_replace": 0, "norm_topk_prob": False}
+        for key, neutral in neutral_values.items():
+            if key in kw and kw[key] is None:
+                kw[key] = neutral
         # transformers 5 writes RoPE under rope_parameters; top-level keys win when present.
         rp = d.get("rope_parameters") or {}
-        if "rope_theta" not in d and "rope_theta" in rp:
+        if d.get("rope_theta") is None and "rope_theta" in rp:
             kw["rope_theta"] = rp["rope_theta"]
         if d.get("rope_scaling") is None and rp.get("rope_type", "default") not in ("default", None):
             kw["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in rp.items() if k != "rope_theta"}
-        if isinstance(kw.get("eos_token_id"), list):
-            kw["eos_token_id"] = kw["eos_token_id"][0] if kw["eos_token_id"] else None
+        rs = kw.get("rope_scaling")
+        if isinstance(rs, dict) and rs.get("type", rs.get("rope_type")) == "default":
+            kw["rope_scaling"] = None  # {"type": "default"} means no scaling
+        for key in ("eos_token_id", "bos_token_id"):
+            if isinstance(kw.get(key), list):
+                kw[key] = kw[key][0] if kw[key] else None
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
-        """config.json contents: our keys, plus the extra keys HF tools read (SPEC section 1)."""
+        """config.json contents: our keys, plus the extra keys HF tools read (SPEC section 1).
+
+        A config with a Hugging Face form gets model_type deepseek_v3; any other gets
+        model_type mlx_deepseek (with hf_compatible false and the reason), which only this
+        package loads: mlx-lm and transformers refuse it instead of computing something else.
+        """
         d = dataclasses.asdict(self)
-        d["architectures"] = ["DeepseekV3ForCausalLM"]
+        reason = self.hf_incompatibility()
+        d["model_type"] = HF_MODEL_TYPE if reason is None else OWN_MODEL_TYPE
+        d["architectures"] = [HF_ARCHITECTURE if reason is None else OWN_ARCHITECTURE]
         rope_parameters: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
         if self.rope_scaling:
             rope_parameters.update(
@@ -274,9 +308,9 @@ class ModelArgs:
         d["rope_parameters"] = rope_parameters
         d["head_dim"] = self.qk_rope_head_dim
         d["torch_dtype"] = "float32"
-        d["hf_compatible"] = self.hf_incompatibility() is None
-        if not d["hf_compatible"]:
-            d["hf_incompatible_because"] = self.hf_incompatibility()
+        d["hf_compatible"] = reason is None
+        if reason is not None:
+            d["hf_incompatible_because"] = reason
         return d
 
     def save(self, path: str | Path) -> None:

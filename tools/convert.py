@@ -7,8 +7,10 @@ Both twins use the same weight names (SPEC section 2), so conversion moves tenso
 
     python -m tools.convert --to-torch CKPT_DIR --out model.pt [--dtype bfloat16]
     python -m tools.convert --from-torch model.pt --config CKPT_DIR_or_config.json --out NEW_DIR
+    python -m tools.convert --from-hf HF_DIR --out NEW_DIR     (mlx_model/hf.py)
+    python -m tools.convert --to-hf CKPT_DIR --out HF_DIR
 
-Dtypes are kept unless --dtype asks for a cast (the routing bias always stays float32).
+Dtypes are kept unless --dtype asks for a cast, which leaves the routing bias as it is (float32).
 Bad input ends with a one-line `error: ...` on stderr naming the offending key, exit status 2,
 and nothing written: outputs go to a temporary name first and are moved into place at the end.
 """
@@ -100,7 +102,8 @@ def torch_to_mlx_weights(
     for k, v in state.items():
         if v.dtype == torch.float64 and BIAS not in k:
             raise ConvertError(f"{where}: weight {k} is float64, which MLX checkpoints do not hold; pass --dtype float32")
-    return {k: torch_to_mx(v.to(torch.float32) if BIAS in k else v) for k, v in state.items()}
+    # A float64 twin's routing bias becomes float32 (as MLX keeps it); other dtypes stay.
+    return {k: torch_to_mx(v.float() if v.dtype == torch.float64 else v) for k, v in state.items()}
 
 
 def load_mlx_from_torch(model: Any, state: dict[str, torch.Tensor], dtype: Optional[str] = None) -> None:
@@ -214,6 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--to-torch", metavar="CKPT_DIR", help="MLX checkpoint directory -> torch state dict file")
     src.add_argument("--from-torch", metavar="FILE", help="torch state dict (.pt/.pth/.bin/.safetensors) -> MLX directory")
+    src.add_argument("--from-hf", metavar="HF_DIR",
+                     help="Hugging Face deepseek_v3 directory (transformers, mlx-lm) -> MLX directory")
+    src.add_argument("--to-hf", metavar="CKPT_DIR",
+                     help="MLX checkpoint -> transformers/mlx-lm directory (needs a deepseek_v3 form)")
     ap.add_argument("--out", required=True, help="output file (--to-torch) or directory")
     ap.add_argument("--config", help="--from-torch: checkpoint directory or config.json describing the model")
     ap.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep their dtype)")
@@ -234,7 +241,14 @@ def run(a: argparse.Namespace) -> str:
         flat = tree_flatten(model.parameters())
         n = sum(v.size for _, v in flat)
         return f"wrote {a.out}: {len(flat)} tensors, {n:,} numbers (config.json, model.safetensors)"
-    raise ConvertError("choose a conversion: --to-torch or --from-torch")
+    if a.from_hf is not None or a.to_hf is not None:
+        from mlx_model.hf import export_hf, import_hf
+
+        convert = import_hf if a.from_hf is not None else export_hf
+        model = convert(a.from_hf or a.to_hf, a.out, getattr(mx, a.dtype) if a.dtype else None)
+        n = sum(v.size for _, v in tree_flatten(model.parameters()))
+        return f"wrote {a.out}: {n:,} numbers (config.json, model.safetensors, tokenizer files)"
+    raise ConvertError("choose a conversion: --to-torch, --from-torch, --from-hf or --to-hf")
 
 
 def main(argv: Optional[list[str]] = None) -> None:
