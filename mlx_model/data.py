@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 EOS_TOKEN = "<|endoftext|>"
 CACHE_VERSION = 1
@@ -237,6 +237,13 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
         show_progress=False,
     )
     bpe.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    # transformers and mlx-lm encode with special tokens: start each text with <|endoftext|>,
+    # as documents start in our packed training stream (and as mlx_model.generate does).
+    # Our own `encode` passes add_special_tokens=False.
+    eos = bpe.token_to_id(EOS_TOKEN)
+    bpe.post_processor = processors.TemplateProcessing(
+        single=f"{EOS_TOKEN} $A", pair=f"{EOS_TOKEN} $A {EOS_TOKEN} $B", special_tokens=[(EOS_TOKEN, eos)]
+    )
     return Tokenizer(bpe, EOS_TOKEN, EOS_TOKEN, EOS_TOKEN)
 
 

@@ -37,7 +37,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelArgs, preset
 from .data import DataError, Tokenizer, eval_batches, get_batch, prepare_data
-from .loss import LossTerms, loss_terms, update_bias
+from .loss import LossTerms, loss_terms, moe_layers, update_bias
 from .model import Model
 from .optim import clip_by_global_norm, make_optimizer, make_schedule
 
@@ -440,20 +440,22 @@ def prepare_out(out: Path) -> None:
 
 
 def build_model(cfg: TrainConfig, args: ModelArgs) -> Model:
+    """A fresh model for `args`: random, or with the weights of --resume / --init-from,
+    in the training dtype (the routing bias stays float32)."""
     mx.random.seed(cfg.seed)
+    dtype = pick_dtype(cfg.dtype)
     src = cfg.resume or cfg.init_from
     if src:
-        model = ckpt.load_model(src)
-        if cfg.init_from and not cfg.resume:
-            args.num_nextn_predict_layers = model.args.num_nextn_predict_layers
+        loaded = ckpt.load_model(src, dtype=dtype)
+        args.num_nextn_predict_layers = loaded.args.num_nextn_predict_layers
+        model = Model(args)  # our args (training settings may differ from the checkpoint's)
+        model.update(loaded.parameters())
     else:
         model = Model(args)
-    dtype = pick_dtype(cfg.dtype)
-    if dtype != mx.float32:
-        model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
-        for layer in model.layers:  # the routing bias stays float32
-            if hasattr(layer.mlp, "gate"):
-                layer.mlp.gate.e_score_correction_bias = layer.mlp.gate.e_score_correction_bias.astype(mx.float32)
+        if dtype != mx.float32:
+            model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
+            for layer in moe_layers(model):
+                layer.gate.e_score_correction_bias = layer.gate.e_score_correction_bias.astype(mx.float32)
     model.train()
     mx.eval(model.parameters())
     return model

@@ -145,14 +145,16 @@ def test_hf_save_load_round_trip(bpe: Tokenizer, tmp_path: Path):
 
 
 def test_transformers_loads_saved_bpe(bpe: Tokenizer, tmp_path: Path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     bpe.save(str(tmp_path))
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert hf.eos_token_id == hf.bos_token_id == hf.pad_token_id == bpe.eos_id
     for seed in (5, 6):
         text = random_text(np.random.default_rng(seed), 800)
         ids = bpe.encode(text)
-        assert hf.encode(text) == ids  # default add_special_tokens=True adds nothing
+        assert hf.encode(text, add_special_tokens=False) == ids
+        # with special tokens (the default) a text starts with <|endoftext|>, as in training
+        assert hf.encode(text) == [bpe.bos_id] + ids
         assert hf.decode(ids) == bpe.decode(ids) == text
 
 
@@ -162,7 +164,7 @@ def test_transformers_loads_saved_bpe(bpe: Tokenizer, tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory) -> Path:
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
     root = tmp_path_factory.mktemp("sp")
     rng = np.random.default_rng(8)
     letters = list("abcdefghijklmnopqrstuvwxyz")
@@ -197,8 +199,8 @@ def test_sentencepiece_save_load_round_trip(sp_model: Path, tmp_path: Path):
 
 
 def test_transformers_loads_saved_sentencepiece(sp_model: Path, tmp_path: Path):
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("google.protobuf")  # transformers reads the .model proto with it
+    import transformers
+    import google.protobuf  # noqa: F401  (transformers reads the .model proto with it)
     tok = Tokenizer.load(str(sp_model))
     tok.save(str(tmp_path))
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
@@ -212,14 +214,17 @@ def test_transformers_loads_saved_sentencepiece(sp_model: Path, tmp_path: Path):
 
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
 def test_mlx_lm_loads_saved_tokenizer(kind: str, request, tmp_path: Path):
-    tokenizer_utils = pytest.importorskip("mlx_lm.tokenizer_utils")
+    from mlx_lm import tokenizer_utils
     if kind == "bpe":
         tok, text = request.getfixturevalue("bpe"), random_text(np.random.default_rng(7), 300)
     else:
         tok, text = Tokenizer.load(str(request.getfixturevalue("sp_model"))), sp_text(7)
     tok.save(str(tmp_path))
     wrapper = tokenizer_utils.load(tmp_path)
-    assert wrapper.encode(text) == tok.encode(text)  # no bos added by default either
+    assert wrapper.encode(text, add_special_tokens=False) == tok.encode(text)
+    # our BPE starts a text with <|endoftext|> (as training documents start); sentencepiece
+    # configs keep add_bos_token false
+    assert wrapper.encode(text) == ([tok.bos_id] if kind == "bpe" else []) + tok.encode(text)
     assert wrapper.eos_token_ids == {tok.eos_id}
     assert wrapper.decode(tok.encode(text)) == tok.decode(tok.encode(text))
 

@@ -23,9 +23,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-mlx_lm = pytest.importorskip("mlx_lm")
+import mlx_lm  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from mlx_model.checkpoint import CheckpointError, load_model, save_model  # noqa: E402
 from mlx_model.config import preset  # noqa: E402
