@@ -21,7 +21,7 @@ from mlx_model.model import Model as MLXModel  # noqa: E402
 from tools import convert  # noqa: E402
 from torch_reference.model import Model as TorchModel  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny tensors: one thread is fastest (2 max on the 2-core box)
 
 # Tolerances (relative L2 error): float32 MLX vs float64 torch.
 TOL_LAYER = 1e-5  # one layer (RoPE, attention, MoE)

@@ -36,7 +36,12 @@ from mlx_model.config import ConfigError, ModelArgs
 
 DTYPES = ("float32", "bfloat16", "float16")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+)
 BIAS = "e_score_correction_bias"  # routing bias: float32 whatever the weights' dtype
 
 
@@ -77,7 +82,7 @@ def cast_torch(state: dict[str, torch.Tensor], dtype: Optional[str]) -> dict[str
 
 # -------------------------------------------------------------------- library API
 def mlx_to_torch_state(model: Any, dtype: Optional[str] = None) -> dict[str, torch.Tensor]:
-    """An MLX Model -> a state dict for torch_reference.model.Model (same names, stacked experts)."""
+    """An MLX Model -> a torch_reference.model.Model state dict (same names, stacked experts)."""
     weights = cast_mx(dict(tree_flatten(model.parameters())), dtype)
     return {k: mx_to_torch(v) for k, v in weights.items()}
 
@@ -90,7 +95,10 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple]:
 
 
 def torch_to_mlx_weights(
-    state: dict[str, torch.Tensor], args: ModelArgs, dtype: Optional[str] = None, where: str = "state dict"
+    state: dict[str, torch.Tensor],
+    args: ModelArgs,
+    dtype: Optional[str] = None,
+    where: str = "state dict",
 ) -> dict[str, mx.array]:
     """A torch twin state dict -> MLX weights (stacked names), checked against `args`:
     raises CheckpointError naming the first missing, unexpected or mis-shaped key."""
@@ -101,12 +109,17 @@ def torch_to_mlx_weights(
     state = cast_torch(state, dtype)
     for k, v in state.items():
         if v.dtype == torch.float64 and BIAS not in k:
-            raise ConvertError(f"{where}: weight {k} is float64, which MLX checkpoints do not hold; pass --dtype float32")
+            raise ConvertError(
+                f"{where}: weight {k} is float64, which MLX checkpoints do not hold; "
+                "pass --dtype float32"
+            )
     # A float64 twin's routing bias becomes float32 (as MLX keeps it); other dtypes stay.
     return {k: torch_to_mx(v.float() if v.dtype == torch.float64 else v) for k, v in state.items()}
 
 
-def load_mlx_from_torch(model: Any, state: dict[str, torch.Tensor], dtype: Optional[str] = None) -> None:
+def load_mlx_from_torch(
+    model: Any, state: dict[str, torch.Tensor], dtype: Optional[str] = None
+) -> None:
     """Copy a torch twin's weights into an existing MLX Model (used by the parity tests)."""
     weights = torch_to_mlx_weights(state, model.args, dtype)
     model.load_weights(list(weights.items()), strict=True)
@@ -126,7 +139,9 @@ def read_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, truncated, pickled objects...
-        raise ConvertError(f"cannot read {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise ConvertError(
+            f"cannot read {p}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     if not isinstance(state, dict):
         raise ConvertError(f"{p} holds a {type(state).__name__}, not a state dict")
     return state
@@ -147,7 +162,9 @@ def read_config(path: str | Path) -> tuple[ModelArgs, Optional[Path]]:
     return args, p.parent
 
 
-def to_torch(ckpt_dir: str | Path, out: str | Path, dtype: Optional[str] = None) -> dict[str, torch.Tensor]:
+def to_torch(
+    ckpt_dir: str | Path, out: str | Path, dtype: Optional[str] = None
+) -> dict[str, torch.Tensor]:
     """MLX checkpoint directory -> torch state dict file (`.safetensors` or torch.save)."""
     out = Path(out)
     if out.suffix not in TORCH_SUFFIXES:
@@ -174,7 +191,9 @@ def to_torch(ckpt_dir: str | Path, out: str | Path, dtype: Optional[str] = None)
     return state
 
 
-def from_torch(path: str | Path, config: str | Path, out: str | Path, dtype: Optional[str] = None) -> Any:
+def from_torch(
+    path: str | Path, config: str | Path, out: str | Path, dtype: Optional[str] = None
+) -> Any:
     """torch state dict file + config -> MLX checkpoint directory (config, weights, tokenizer)."""
     from mlx_model.model import Model
 
@@ -210,19 +229,34 @@ def from_torch(path: str | Path, config: str | Path, out: str | Path, dtype: Opt
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m tools.convert", description="Convert checkpoints between MLX and PyTorch (same weight names)."
+        prog="python -m tools.convert",
+        description="Convert checkpoints between MLX and PyTorch (same weight names).",
     )
-    # One source flag per conversion; a new source (e.g. --from-hf DIR) is one more flag here
+    # One source flag per conversion (as --from-hf and --to-hf): a new one is one more flag here
     # plus one branch in run().
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--to-torch", metavar="CKPT_DIR", help="MLX checkpoint directory -> torch state dict file")
-    src.add_argument("--from-torch", metavar="FILE", help="torch state dict (.pt/.pth/.bin/.safetensors) -> MLX directory")
-    src.add_argument("--from-hf", metavar="HF_DIR",
-                     help="Hugging Face deepseek_v3 directory (transformers, mlx-lm) -> MLX directory")
-    src.add_argument("--to-hf", metavar="CKPT_DIR",
-                     help="MLX checkpoint -> transformers/mlx-lm directory (needs a deepseek_v3 form)")
+    src.add_argument(
+        "--to-torch", metavar="CKPT_DIR", help="MLX checkpoint directory -> torch state dict file"
+    )
+    src.add_argument(
+        "--from-torch",
+        metavar="FILE",
+        help="torch state dict (.pt/.pth/.bin/.safetensors) -> MLX directory",
+    )
+    src.add_argument(
+        "--from-hf",
+        metavar="HF_DIR",
+        help="Hugging Face deepseek_v3 directory (transformers, mlx-lm) -> MLX directory",
+    )
+    src.add_argument(
+        "--to-hf",
+        metavar="CKPT_DIR",
+        help="MLX checkpoint -> transformers/mlx-lm directory (needs a deepseek_v3 form)",
+    )
     ap.add_argument("--out", required=True, help="output file (--to-torch) or directory")
-    ap.add_argument("--config", help="--from-torch: checkpoint directory or config.json describing the model")
+    ap.add_argument(
+        "--config", help="--from-torch: checkpoint directory or config.json describing the model"
+    )
     ap.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep their dtype)")
     return ap
 

@@ -63,7 +63,11 @@ def loss_terms(model: Model, inputs: torch.Tensor, targets: torch.Tensor) -> Los
         counts = torch.stack([r.counts for r in routing])
         dropped = sum(r.dropped for r in routing)
     else:
-        bal, counts, dropped = ce.new_zeros(()), torch.zeros((0, 0), dtype=torch.int64), torch.tensor(0)
+        bal, counts, dropped = (
+            ce.new_zeros(()),
+            torch.zeros((0, 0), dtype=torch.int64),
+            torch.tensor(0),
+        )
     return LossTerms(total, ce, bal, mtp, counts, dropped)
 
 
@@ -86,7 +90,9 @@ def update_bias(model: Model, counts: torch.Tensor) -> None:
         bias.add_(d.to(bias.device, bias.dtype))
 
 
-def make_optimizer(model: Model, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8):
+def make_optimizer(
+    model: Model, lr: float, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8
+):
     """torch.optim.AdamW with two groups: decay on ndim >= 2 parameters, none on norms/biases.
     The routing bias is a buffer, so it never reaches the optimizer."""
     params = [p for p in model.parameters() if p.requires_grad]

@@ -29,13 +29,16 @@ def default_device() -> torch.device:
 
 
 # ---------------------------------------------------------------------------- RoPE
-def rope_angles(args: ModelArgs, T: int, offset: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_angles(
+    args: ModelArgs, T: int, offset: int, like: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, rope_dim / 2] for positions offset .. offset+T-1 (angles in float64)."""
     d = args.rope_dim
     inv_freq = args.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)  # [d/2]
     pos = torch.arange(offset, offset + T, dtype=torch.float64)
     angles = torch.outer(pos, inv_freq)  # [T, d/2]
-    return angles.cos().to(like.device, like.dtype), angles.sin().to(like.device, like.dtype)
+    cos, sin = angles.cos().to(like.dtype), angles.sin().to(like.dtype)  # cast, then move (MPS)
+    return cos.to(like.device), sin.to(like.device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -53,15 +56,20 @@ def causal_mask(T: int, offset: int = 0) -> torch.Tensor:
 
 
 def attention_mask(T: int, offset: int = 0, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Causal mask [1, 1, T, S], or [B, 1, T, S] hiding pad[b] left-padding keys of row b."""
+    """Causal mask [1, 1, T, S], or [B, 1, T, S] hiding pad[b] left-padding keys of row b;
+    a padding query still sees itself, so no softmax row is entirely masked."""
     mask = causal_mask(T, offset)[None, None]
     if pad is not None:
-        not_pad = torch.arange(offset + T)[None, :] >= pad[:, None].cpu()  # [B, S]
-        mask = mask & not_pad[:, None, None, :]
+        keys = torch.arange(offset + T)
+        not_pad = keys[None, :] >= pad[:, None].cpu()  # [B, S]
+        self_key = keys[None, :] == (torch.arange(T) + offset)[:, None]  # [T, S]
+        mask = (mask & not_pad[:, None, None, :]) | self_key[None, None]
     return mask
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: Optional[torch.Tensor]
+) -> torch.Tensor:
     """softmax(q k^T * scale) v; q [B,H,L,d], k [B,1|H,S,d], v [B,1|H,S,dv] -> [B,H,L,dv].
     Masked scores get the dtype's lowest finite value, so a fully masked row stays finite."""
     scores = (q @ k.transpose(-1, -2)) * scale  # [B, H, L, S]
@@ -125,7 +133,12 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         a = self.args
         B, T, _ = x.shape
-        H, d_n, d_r, d_v = a.num_attention_heads, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        H, d_n, d_r, d_v = (
+            a.num_attention_heads,
+            a.qk_nope_head_dim,
+            a.qk_rope_head_dim,
+            a.v_head_dim,
+        )
         if a.q_lora_rank is None:
             q = self.q_proj(x)
         else:
@@ -159,7 +172,9 @@ class MQA(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.args.num_attention_heads, -1).transpose(1, 2)  # [B, H, T, hd]
+        q = (
+            self.q_proj(x).view(B, T, self.args.num_attention_heads, -1).transpose(1, 2)
+        )  # [B, H, T, hd]
         k = self.k_proj(x)[:, None]  # [B, 1, T, hd]
         v = self.v_proj(x)[:, None]
         cos, sin = rope_angles(self.args, T, 0, x)
@@ -223,7 +238,9 @@ class Experts(nn.Module):
         self.up_proj = StackedLinear(E, D, I)
         self.down_proj = StackedLinear(E, I, D)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
+    ) -> torch.Tensor:
         """x [N, D], weights/indices [N, k] -> [N, D]."""
         y = torch.zeros_like(x)
         for e in range(self.gate_proj.weight.shape[0]):
@@ -258,7 +275,9 @@ class MoE(nn.Module):
         self.gate = MoEGate(args)
         self.experts = Experts(args)
         if args.n_shared_experts > 0:
-            self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+            self.shared_experts = MLP(
+                args.hidden_size, args.moe_intermediate_size * args.n_shared_experts
+            )
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         a = self.args
@@ -269,7 +288,9 @@ class MoE(nn.Module):
             keep = capacity_keep(indices, a.n_routed_experts, a.capacity_factor)
             dropped = (~keep).sum()
             weights = weights * keep  # a dropped slot keeps only the residual path
-        y = self.experts(x.reshape(B * T, D), weights.reshape(B * T, -1), indices.reshape(B * T, -1))
+        y = self.experts(
+            x.reshape(B * T, D), weights.reshape(B * T, -1), indices.reshape(B * T, -1)
+        )
         y = y.view(B, T, D)
         if a.n_shared_experts > 0:
             y = y + self.shared_experts(x)
@@ -285,11 +306,15 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.self_attn = MLA(args) if args.attention_type == "mla" else MQA(args)
-        self.mlp = MoE(args) if args.is_moe_layer(layer) else MLP(args.hidden_size, args.intermediate_size)
+        self.mlp = (
+            MoE(args) if args.is_moe_layer(layer) else MLP(args.hidden_size, args.intermediate_size)
+        )
         self.input_layernorm = make_norm(args, args.hidden_size)
         self.post_attention_layernorm = make_norm(args, args.hidden_size)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, Optional[Routing]]:
+    def forward(
+        self, x: torch.Tensor, mask: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[Routing]]:
         h = x + self.self_attn(self.input_layernorm(x), mask)
         y = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
@@ -329,7 +354,9 @@ class Model(nn.Module):
         self.model = DecoderStack(args)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         if args.num_nextn_predict_layers > 0:
-            self.mtp = nn.ModuleList([MTPModule(args) for _ in range(args.num_nextn_predict_layers)])
+            self.mtp = nn.ModuleList(
+                [MTPModule(args) for _ in range(args.num_nextn_predict_layers)]
+            )
         init_weights(self, args)
 
     def forward(self, inputs: torch.Tensor, mask: Optional[torch.Tensor] = None):
