@@ -9,12 +9,14 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import mlx.core as mx
-import numpy as np
-import pytest
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory
+
+import mlx_model  # noqa: E402,F401  (first: loads a fast BLAS before mlx.core is imported)
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from mlx_model.config import ModelArgs  # noqa: E402
 from mlx_model.model import Model as MLXModel  # noqa: E402
