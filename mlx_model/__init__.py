@@ -2,9 +2,17 @@
 
 Importing this package stays cheap and MLX-free: `mlx_model.config` is shared with the PyTorch
 twin. `load` and `generate` are imported lazily from `mlx_model.generate`.
+
+On Linux it first loads a fast BLAS (MKL or OpenBLAS) for MLX's CPU backend and makes
+`mx.compile` kernels use AVX2/FMA; this must happen before `mlx.core` is imported: see `_blas`.
 """
 
 from typing import Any
+
+from ._blas import ensure_fast_blas, ensure_native_codegen
+
+ensure_fast_blas()
+ensure_native_codegen()
 
 __all__ = ["load", "generate"]
 

@@ -1,0 +1,1 @@
+import mlx_model  # noqa: F401  (loads a fast BLAS before MLX)
