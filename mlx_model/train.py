@@ -16,14 +16,10 @@ import dataclasses
 import json
 import math
 import os
-import select
 import signal
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import dataclass, field
-from functools import partial
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,6 +33,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelArgs, preset
 from .data import DataError, Tokenizer, eval_batches, get_batch, prepare_data
+from .distributed import DistributedError, Watchdog, all_sum_or_fail, init_group
 from .loss import LossTerms, loss_terms, moe_layers, update_bias
 from .model import Model
 from .optim import clip_by_global_norm, make_optimizer, make_schedule
@@ -299,109 +296,6 @@ class Trainer:
 
 
 # -------------------------------------------------------------------- data parallel
-class Watchdog:
-    """Data parallel: ends this rank with one `error: rank R: ...` line when the others stop.
-
-    MLX's ring backend raises when a peer's socket closes (caught in the loop), but waits forever
-    for a peer that hangs or whose machine vanished; mlx.launch stops the other ranks with SIGTERM
-    when one exits with an error. A thread (MLX releases the GIL while it waits) fails the rank when
-    `kick` was not called for `timeout` s or on SIGTERM, never while `lock` is held (a checkpoint
-    is being written). Inert when world == 1.
-    """
-
-    def __init__(self, rank: int, world: int, timeout: float, out: Path, last_checkpoint: str):
-        self.rank, self.timeout, self.out, self.last_checkpoint = rank, timeout, out, last_checkpoint
-        self.lock, self.active, self.beat = threading.Lock(), world > 1, time.monotonic()
-        if not self.active:
-            return
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._w, False)
-        # Python's C-level handler writes the signal number to the wakeup fd at once, even while the
-        # main thread waits inside MLX; the thread reads it there.
-        self._old_term = signal.signal(signal.SIGTERM, lambda *a: None)
-        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
-        threading.Thread(target=self._run, daemon=True, name="dist-watchdog").start()
-
-    def kick(self, step: int, saved: bool = False) -> None:
-        """Record progress after `step` (and that its checkpoint was written)."""
-        self.beat = time.monotonic()
-        if saved:
-            self.last_checkpoint = f"{self.out} (step {step})"
-
-    def fail(self, why: str) -> None:
-        """Print the error line and end the process with status 2 (once, after any checkpoint write)."""
-        with self.lock:
-            print(f"\nerror: rank {self.rank}: {why}; last checkpoint: {self.last_checkpoint}", file=sys.stderr,
-                  flush=True)
-            os._exit(2)
-
-    def close(self) -> None:
-        if self.active:  # restore first: the thread closes the pipe once it sees active == False
-            signal.set_wakeup_fd(self._old_fd)
-            signal.signal(signal.SIGTERM, self._old_term)
-            self.active = False
-
-    def _run(self) -> None:
-        term = False
-        while self.active:
-            if select.select([self._r], [], [], 1.0)[0]:
-                term = term or signal.SIGTERM in os.read(self._r, 256)
-            if not self.active:
-                break
-            if term:
-                self.fail("stopped by the launcher (SIGTERM), usually because another rank died or failed (see the "
-                          "launcher's [WARN] lines)")
-            if time.monotonic() - self.beat > self.timeout:
-                self.fail(f"no progress from the other ranks for {self.timeout:g} s (a rank died, hangs or "
-                          "cannot connect; raise --dist-timeout if steps are that slow)")
-        os.close(self._r)
-        os.close(self._w)
-
-
-_INIT_GUARD = """import os, signal, sys, time
-ppid, end = os.getppid(), time.monotonic() + float(sys.argv[1])
-while os.getppid() == ppid and time.monotonic() < end:
-    time.sleep(0.5)
-if os.getppid() == ppid:
-    print(sys.argv[2], file=sys.stderr, flush=True)
-    os.kill(ppid, signal.SIGKILL)
-"""
-
-
-def init_group(timeout: float) -> Any:
-    """mx.distributed.init() (size 1 without a launcher), ended with an error line after `timeout` s.
-
-    A rank that waits for peers that never connect holds the GIL (no thread of ours runs), so under
-    a launcher (MLX_RANK set) a small guard process prints the error and kills this one.
-    """
-    rank = os.environ.get("MLX_RANK")
-    guard = None
-    if rank is not None:
-        why = (f"error: rank {rank}: no connection to the other ranks after {timeout:g} s (a rank died or cannot "
-               "connect: check the hostfile's ips and the firewall)")
-        guard = subprocess.Popen([sys.executable, "-c", _INIT_GUARD, str(timeout), why], stdin=subprocess.DEVNULL)
-    try:
-        return mx.distributed.init()
-    except RuntimeError as e:  # ring: a rank that cannot reach the next one gives up after about 30 s
-        raise TrainError(f"rank {rank or '?'}: cannot connect to the other ranks ({e}): check the hostfile's ips, "
-                         "the firewall, and that every host started") from None
-    finally:
-        if guard is not None:
-            guard.kill()
-            guard.wait()
-
-
-def _all_sum_or_fail(group: Any, x: mx.array, what: str) -> mx.array:
-    """A collective outside the step loop; a lost peer becomes a TrainError naming `what`."""
-    try:
-        y = mx.distributed.all_sum(x, group=group)
-        mx.eval(y)
-        return y
-    except RuntimeError as e:
-        raise TrainError(f"rank {group.rank()}: lost the connection to the other ranks {what} ({e}): "
-                         "a rank died or cannot connect") from None
-
-
 def _stop_agreed(trainer: Trainer, interrupted: list) -> bool:
     """True once any rank saw Ctrl-C, on every rank at the same step (so all stop and rank 0 saves)."""
     if trainer.world > 1 and trainer.all_sum(mx.array(float(len(interrupted)))).item() > 0:
@@ -483,14 +377,14 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
     cache_dir = cfg.cache_dir or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")),
                                               "mlx_deepseek")
     if world > 1 and rank > 0:  # rank 0 fills the tokenized-data cache first; the others then read it
-        _all_sum_or_fail(group, mx.array(0.0), "during start-up")
+        all_sum_or_fail(group, mx.array(0.0), "during start-up")
     tok, train_ids, val_ids = prepare_data(cfg.data, tok_src, args.vocab_size, cache_dir, cfg.val_fraction)
     if world > 1:  # every rank must cut its shards from the same token stream
         if rank == 0:
-            _all_sum_or_fail(group, mx.array(0.0), "during start-up")
+            all_sum_or_fail(group, mx.array(0.0), "during start-up")
         sig = mx.array([int(v) % 65521 for v in (len(train_ids), len(val_ids), tok.vocab_size,
                                                   train_ids[::997].sum(dtype=np.uint64))], mx.float32)
-        if not mx.array_equal(_all_sum_or_fail(group, sig, "during start-up"), sig * world).item():
+        if not mx.array_equal(all_sum_or_fail(group, sig, "during start-up"), sig * world).item():
             raise TrainError(f"rank {rank} has different training data ({len(train_ids)} tokens) or tokenizer than "
                              "another rank: give every host the same --data files, --tokenizer and --val-fraction")
     if tok.vocab_size > args.vocab_size:
@@ -589,7 +483,7 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
             print(f"\ninterrupted: saved step {step} to {out}; continue with --resume {out}", file=sys.stderr)
         if interrupted and world > 1:  # the others wait for that checkpoint: mlx.launch stops all ranks when
             wd.close()  # one exits with an error status (130 here)
-            _all_sum_or_fail(group, mx.array(0.0), "after Ctrl-C")
+            all_sum_or_fail(group, mx.array(0.0), "after Ctrl-C")
     except RuntimeError as e:  # MLX's ring backend: "[ring] connection to a peer was lost"
         if world == 1 or not any(w in str(e).lower() for w in ("[ring]", "connection", "peer", "socket")):
             raise
@@ -615,7 +509,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         train(cfg, args)
     except KeyboardInterrupt:
         sys.exit(130)
-    except (TrainError, DataError, ConfigError, ckpt.CheckpointError) as e:
+    except (TrainError, DataError, ConfigError, ckpt.CheckpointError, DistributedError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
