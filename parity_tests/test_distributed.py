@@ -24,7 +24,7 @@ import pytest
 
 from mlx_model import checkpoint as ckpt
 from mlx_model.data import prepare_data
-from mlx_model.train import Watchdog
+from mlx_model.distributed import Watchdog
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(LAUNCH is None or not mx.distributed.is_availabl
                                 reason="mlx.launch or mx.distributed is not available")
 TOL = 2e-5  # relative L2 error per tensor, float32 (as test_train's accumulation test: Adam amplifies reordered sums)
 B = 4  # per-rank batch
-COMMON = ["--preset", "tiny", "--compile", "true", "--seq-len", "32", "--accum", "2", "--lr", "1e-2",
+COMMON = ["--preset", "tiny", "--compile", "true", "--seq-len", "32", "--accum", "2", "--lr", "1e-3",
           "--warmup", "1", "--bias-update-speed", "0.01", "--log-every", "1", "--eval-every", "3",
           "--save-every", "3", "--eval-batches", "3", "--progress", "true"]
 
