@@ -57,7 +57,7 @@ class TrainConfig:
     batch_size: int = 16  # sequences per micro-batch (per rank)
     seq_len: int = 128  # tokens per sequence
     accum: int = 1  # micro-batches per optimizer step
-    max_steps: int = 600  # optimizer steps (sets the lr schedule)
+    max_steps: int = 500  # optimizer steps (sets the lr schedule)
     stop_at: int = 0  # stop and save after this step, keeping the schedule (0 = run to max_steps)
     lr: float = 3e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
