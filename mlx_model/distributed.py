@@ -34,9 +34,15 @@ class Watchdog:
     is being written). Inert when world == 1.
     """
 
+    FIRST_STEP_GRACE = 900.0
+
     def __init__(self, rank: int, world: int, timeout: float, out: Path, last_checkpoint: str):
         self.rank, self.timeout, self.out, self.last_checkpoint = rank, timeout, out, last_checkpoint
         self.lock, self.active, self.beat = threading.Lock(), world > 1, time.monotonic()
+        # The first step also compiles the step functions (on a CPU with a cold kernel cache,
+        # minutes of g++): until it completes, allow at least FIRST_STEP_GRACE seconds. A peer
+        # that dies meanwhile is still caught at once (its socket closes).
+        self.limit = max(timeout, self.FIRST_STEP_GRACE)
         if not self.active:
             return
         self._r, self._w = os.pipe()
@@ -49,7 +55,7 @@ class Watchdog:
 
     def kick(self, step: int, saved: bool = False) -> None:
         """Record progress after `step` (and that its checkpoint was written)."""
-        self.beat = time.monotonic()
+        self.beat, self.limit = time.monotonic(), self.timeout
         if saved:
             self.last_checkpoint = f"{self.out} (step {step})"
 
@@ -76,8 +82,8 @@ class Watchdog:
             if term:
                 self.fail("stopped by the launcher (SIGTERM), usually because another rank died or failed (see the "
                           "launcher's [WARN] lines)")
-            if time.monotonic() - self.beat > self.timeout:
-                self.fail(f"no progress from the other ranks for {self.timeout:g} s (a rank died, hangs or "
+            if time.monotonic() - self.beat > self.limit:
+                self.fail(f"no progress from the other ranks for {self.limit:g} s (a rank died, hangs or "
                           "cannot connect; raise --dist-timeout if steps are that slow)")
         os.close(self._r)
         os.close(self._w)
