@@ -142,9 +142,9 @@ def decode(
     stats.cache_numbers_per_token = sum(c.numbers_per_token() for c in cache)
     stats.cache_bytes_per_token = sum(c.nbytes_per_token() for c in cache)
 
-    capacity = T + params.max_tokens
+    capacity = -(-(T + params.max_tokens) // 256) * 256  # whole 256s: fewer distinct shapes to trace
     state = [s for c in cache for s in StaticKVCache.from_cache(c, capacity).state]
-    step = make_step(model, sampler, len(cache), counts is not None, compiled)
+    step = cached_step(model, params, sampler, len(cache), counts is not None, compiled)
     offset = mx.array(T, mx.int32)
     if counts is None:
         counts = mx.zeros((1,))  # placeholder input, unused
@@ -162,6 +162,40 @@ def decode(
             tok = nxt
     finally:
         stats.generate_time += time.perf_counter() - tic
+
+
+class _StepCache:
+    """Compiled decode steps of one model, keyed by sampling settings (a plain object, so that
+    nn.Module keeps it out of the parameter tree), each with the weights it was traced with."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, tuple[tuple, Callable]] = {}
+
+
+def cached_step(model: Any, params: SamplingParams, sampler: Callable, n_layers: int, penalised: bool,
+                compiled: bool = True) -> Callable:
+    """make_step, reused by later calls with the same model and sampler settings.
+
+    Each mx.compile'd function object is traced on its first call (~0.5 s for a small model,
+    several ms per generated token over a short generation); keeping the step on the model
+    makes every later generate call start at full speed. The trace holds the weights as
+    constants, so a step is reused only while the model still has the very same weight arrays
+    (MLX arrays are immutable: training or loading replaces them, and that re-traces).
+    """
+    if not compiled:
+        return make_step(model, sampler, n_layers, penalised, compiled)
+    from mlx.utils import tree_flatten
+
+    cache = model.__dict__.get("_decode_steps")
+    if cache is None:
+        cache = _StepCache()
+        object.__setattr__(model, "_decode_steps", cache)
+    key = repr((n_layers, penalised, replace(params, max_tokens=0, seed=None, stop=[])))
+    weights = tuple(id(a) for _, a in tree_flatten(model.parameters()))
+    hit = cache.steps.get(key)
+    if hit is None or hit[0] != weights:
+        hit = cache.steps[key] = (weights, make_step(model, sampler, n_layers, penalised, compiled))
+    return hit[1]
 
 
 def make_step(

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .config import ModelArgs
 from .model import Model
@@ -27,8 +26,17 @@ class LossTerms(NamedTuple):
 
 
 def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
-    """Mean CE over all positions; logits [B, T, V], targets [B, T] (float32 math)."""
-    return nn.losses.cross_entropy(logits.astype(mx.float32), targets, reduction="mean")
+    """Mean CE over all positions; logits [B, T, V], targets [B, T] (float32 math).
+
+    logsumexp written out (max, exp, sum) rather than nn.losses.cross_entropy: the same
+    numbers, but under mx.compile the exp fuses into one elementwise kernel whose output the
+    backward pass reuses, where the logsumexp primitive's backward runs a second softmax over
+    [B, T, V]: ~4x faster on the CPU backend. The max gets no gradient (lse does not depend on it).
+    """
+    x = logits.astype(mx.float32)
+    m = mx.stop_gradient(x.max(-1, keepdims=True))  # [B, T, 1]
+    lse = mx.log(mx.exp(x - m).sum(-1)) + m[..., 0]  # [B, T]
+    return (lse - mx.take_along_axis(x, targets[..., None], -1)[..., 0]).mean()
 
 
 def balance_loss(routing: list[Routing], args: ModelArgs) -> mx.array:

@@ -78,8 +78,16 @@ class Experts(nn.Module):
 
     Two dispatches that compute the same function:
     - "dense": every expert on every token, combined with a [N, E] weight matrix (zero for
-      unchosen experts). E/k times the FLOPs, but plain matmuls: fastest for few experts.
-    - "gather": tokens sorted by expert and run with mx.gather_mm: k/E of the dense FLOPs.
+      unchosen experts). E/k times the FLOPs, but plain matmuls.
+    - "gather": the N*k (token, expert) slots grouped by expert into blocks of `block` rows
+      (each expert's group padded to a whole block), one mx.gather_mm per projection with one
+      expert per block: k/E of the dense FLOPs plus at most E*(block-1) padding rows. Shapes
+      are static (the padded row count depends only on N, k, E), so it compiles. block = 1
+      is mlx-lm's one-row-per-slot dispatch, right for decoding a few tokens; bigger blocks
+      turn the CPU's per-row matrix-vector products into real matrix products.
+    The default, "gather", was measured faster (whole training steps, interleaved, CPU,
+    float32): ~2.5x on the small preset (8 experts top-2), ~1.2x on the seed preset (2 experts
+    top-1), equal on tiny (4 experts top-2). Assign `dispatch` to override.
     """
 
     def __init__(self, args: ModelArgs):
@@ -88,32 +96,67 @@ class Experts(nn.Module):
         self.gate_proj = StackedLinear(E, D, I)
         self.up_proj = StackedLinear(E, D, I)
         self.down_proj = StackedLinear(E, I, D)
-        self.dispatch = "dense" if E <= 4 * args.num_experts_per_tok else "gather"
+        self.dispatch = "gather"
+        self.max_block = 64  # rows per gather_mm block (fewer when the batch is small)
 
     def dense(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:
         """x [N, D], weights/indices [N, k] -> [N, D]."""
-        E = self.gate_proj.weight.shape[0]
+        E, I, D = self.gate_proj.weight.shape
+        N = x.shape[0]
         combine = (mx.expand_dims(indices, -1) == mx.arange(E)).astype(x.dtype)  # [N, k, E]
         combine = (combine * weights[..., None].astype(x.dtype)).sum(1)  # [N, E]
-        g = x @ self.gate_proj.weight.swapaxes(-1, -2)  # [E, N, I]
-        u = x @ self.up_proj.weight.swapaxes(-1, -2)
-        y = (nn.silu(g) * u) @ self.down_proj.weight.swapaxes(-1, -2)  # [E, N, D]
-        return (y * combine.T[..., None]).sum(0)
+        # All experts side by side: one [N, D] x [D, E*I] product each for gate and up; the
+        # combine weights scale h before the down projection, whose [E*I, D] product then sums
+        # over experts itself (sum_e c_e (h_e W_e) = (c h) W: no [E, N, D] intermediate).
+        g = x @ self.gate_proj.weight.reshape(E * I, D).T  # [N, E*I]
+        u = x @ self.up_proj.weight.reshape(E * I, D).T
+        h = (nn.silu(g) * u).reshape(N, E, I) * combine[..., None]  # [N, E, I]
+        return h.reshape(N, E * I) @ self.down_proj.weight.swapaxes(-1, -2).reshape(E * I, D)
+
+    def block_size(self, slots: int) -> int:
+        """Rows per block for `slots` (token, expert) pairs: the largest power of two <=
+        max_block that keeps the worst-case padding E*(block-1) under a quarter of the slots."""
+        E = self.gate_proj.weight.shape[0]
+        b = 1
+        while 2 * b <= self.max_block and E * (2 * b - 1) * 4 <= slots:
+            b *= 2
+        return b
 
     def gather(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:
-        """Sort the N*k (token, expert) slots by expert, gather_mm, unsort, combine."""
+        """Group the N*k slots by expert into blocks, gather_mm per block, gather back, combine."""
         N, k = indices.shape
-        flat = indices.reshape(-1)
-        order = mx.argsort(flat)
-        inv = mx.argsort(order)
-        xs = x[order // k][:, None, :]  # [N*k, 1, D]
-        idx = flat[order]
-        g = mx.gather_mm(xs, self.gate_proj.weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=True)
-        u = mx.gather_mm(xs, self.up_proj.weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=True)
-        y = mx.gather_mm(
-            nn.silu(g) * u, self.down_proj.weight.swapaxes(-1, -2), rhs_indices=idx, sorted_indices=True
-        )  # [N*k, 1, D]
-        y = y[inv].reshape(N, k, -1)
+        E = self.gate_proj.weight.shape[0]
+        S = N * k
+        b = self.block_size(S)
+        if b == 1:  # few tokens (decoding): one row per slot, no grouping, as mlx-lm does
+            xs = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, D]
+
+            def mm1(a: mx.array, w: mx.array) -> mx.array:
+                return mx.gather_mm(a, w.swapaxes(-1, -2), rhs_indices=indices)  # [N, k, 1, *]
+
+            h = nn.silu(mm1(xs, self.gate_proj.weight)) * mm1(xs, self.up_proj.weight)
+            y = mm1(h, self.down_proj.weight).squeeze(-2)  # [N, k, D]
+            return (y * weights[..., None].astype(y.dtype)).sum(1)
+        R = -(-(S + E * (b - 1)) // b) * b  # static bound on the padded rows, a whole number of blocks
+        flat = indices.reshape(-1)  # [S] expert of each slot (slot = token * k + rank)
+        onehot = (flat[:, None] == mx.arange(E)).astype(mx.int32)  # [S, E]
+        rank = (mx.cumsum(onehot, axis=0) * onehot).sum(-1) - 1  # [S] place in its expert's group
+        counts = onehot.sum(0)  # [E]
+        padded = (counts + b - 1) // b * b
+        start = mx.cumsum(padded) - padded  # [E] first row of each expert's group
+        dest = start[flat] + rank  # [S] row of each slot
+        # Row -> slot; padding rows (past an expert's count) read token N, an appended zero row.
+        row_slot = mx.zeros((R,), mx.int32).at[dest].add(mx.arange(1, S + 1, dtype=mx.int32)) - 1
+        row_tok = mx.where(row_slot >= 0, row_slot // k, N)  # [R]
+        block_expert = mx.minimum((mx.arange(0, R, b)[:, None] >= (start + padded)).sum(-1), E - 1)  # [R/b]
+        xs = mx.concatenate([x, mx.zeros((1, x.shape[1]), x.dtype)])[row_tok]  # [R, D]
+        xs = xs.reshape(R // b, b, -1)  # [R/b, b, D]
+
+        def mm(a: mx.array, w: mx.array) -> mx.array:
+            return mx.gather_mm(a, w.swapaxes(-1, -2), rhs_indices=block_expert, sorted_indices=True)
+
+        h = nn.silu(mm(xs, self.gate_proj.weight)) * mm(xs, self.up_proj.weight)  # [R/b, b, I]
+        y = mm(h, self.down_proj.weight).reshape(R, -1)[dest].reshape(N, k, -1)  # [N, k, D]
         return (y * weights[..., None].astype(y.dtype)).sum(1)
 
     def __call__(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:
@@ -121,7 +164,9 @@ class Experts(nn.Module):
         x = x.reshape(-1, shape[-1])
         weights = weights.reshape(x.shape[0], -1)
         indices = indices.reshape(x.shape[0], -1)
-        fn = self.dense if self.dispatch == "dense" else self.gather
+        # MLX's CPU gather_mm is float32-only: other dtypes on the CPU take the dense path.
+        cpu_half = x.dtype != mx.float32 and mx.default_device() != mx.gpu
+        fn = self.dense if self.dispatch == "dense" or cpu_half else self.gather
         return fn(x, weights, indices).reshape(shape)
 
 

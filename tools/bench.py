@@ -1,0 +1,643 @@
+"""Side-by-side throughput: our MLX model, its PyTorch twin, and mlx-lm's deepseek_v3, one table.
+
+    python -m tools.bench train --preset small [--repeats 5] [--json OUT]
+    python -m tools.bench generate --preset small [--prompt-len 128] [--new-tokens 256]
+
+Every contender runs in its own worker process, built from the SAME checkpoint (written once
+here from a seeded MLX model): mlx_model (its real compiled Trainer step), torch_reference
+(same weights, torch.optim.AdamW, all CPU threads) and mlx_lm (`mlx_lm.models.deepseek_v3`
+through its own sanitize/load_weights, value_and_grad + AdamW compiled as mlx-lm's trainer
+does; only for configs mlx-lm can express). The workers are INTERLEAVED: each round asks every
+worker for one timed step (round-robin, rotating the order), and figures are medians over
+rounds, so a machine whose load changes affects every contender alike. A "peak" worker times a
+float32 matmul in each round; MFU = useful FLOP/s / that peak.
+
+Useful FLOPs per trained token (analytic): 6 * active parameters (every matrix except the
+embedding; of the routed experts only k of E count, never dense-masked waste) + attention
+scores 3 * layers * heads * (qk_head_dim + v_head_dim) * (T + 1) (causal: (T+1)/2 keys on
+average, 2 FLOPs per multiply-add, x3 for forward + backward).
+Peak memory: the high-water resident set (ru_maxrss) of the contender's own process minus its
+resident set after imports, i.e. what building, compiling and running the contender added; on
+a GPU, MLX contenders report mx.get_peak_memory() instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+SEED_MICRO_PER_S = 5.2  # SEED-NOTES: the seed's own loop on this 2-core machine, vocab 8192
+SEED_M2_IT_PER_S = 25.0  # seed README: micro-batches/s on an Apple M2 (different hardware)
+NAMES = ("mlx_model", "torch_reference", "mlx_lm")
+SETTLE_S = 0.3  # pause between runs of different workers (see interleave)
+
+
+# ------------------------------------------------------------------------------ helpers
+def rss_bytes() -> int:
+    """Current resident set of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def max_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def loaded_blas() -> str:
+    """Which BLAS libraries this process has mapped (MKL, OpenBLAS, MLX's bundled reference)."""
+    found = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                name = os.path.basename(line.split()[-1]) if "/" in line else ""
+                for key in ("libmkl_rt", "libopenblas", "libblas-", "libblas.so", "libtorch_cpu"):
+                    if name.startswith(key) and name not in found:
+                        found.append(name)
+    except OSError:
+        return platform.system()
+    return ", ".join(found) or "none mapped"
+
+
+def blas_label(name: str) -> str:
+    """The BLAS a contender's matmuls use: the library MLX took cblas_sgemm from, or torch's."""
+    parts = []
+    if name != "torch_reference" and "mlx.core" in sys.modules:
+        import mlx.core as mx
+
+        if mx.default_device() == mx.gpu:
+            parts.append("MLX GPU kernels")
+        else:
+            from mlx_model import _blas
+
+            path = _blas.blas_path()
+            threads = os.environ.get("MKL_NUM_THREADS") or os.environ.get("OPENBLAS_NUM_THREADS") or "default"
+            parts.append(f"MLX: {os.path.basename(path)} ({threads} threads)" if path
+                         else "MLX: its bundled reference BLAS (slow)")
+    if "torch" in sys.modules and name in ("torch_reference", "peak"):
+        import torch
+
+        parts.append(f"torch: its own {'MKL' if torch.backends.mkl.is_available() else 'BLAS'}, "
+                     f"{torch.get_num_threads()} threads")
+    return "; ".join(parts) or loaded_blas()
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def useful_flops_per_token(args: Any, T: int, active_params: int) -> float:
+    """6 * active params + causal attention scores (see the module docstring)."""
+    if args.attention_type == "mla":
+        dqk, dv = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
+    else:
+        dqk = dv = args.head_dim
+    attn = 3 * args.num_hidden_layers * args.num_attention_heads * (dqk + dv) * (T + 1)
+    return 6 * active_params + attn
+
+
+def active_params(weights: dict[str, Any], args: Any) -> int:
+    """Matrix parameters one token uses: all but the embedding; k/E of the routed experts."""
+    n = 0.0
+    for name, w in weights.items():
+        if w.ndim < 2 or "embed_tokens" in name or name.startswith("mtp"):
+            continue
+        size = float(w.size)
+        if ".mlp.experts." in name:
+            size *= args.num_experts_per_tok / args.n_routed_experts
+        n += size
+    return int(n)
+
+
+def cache_bytes_per_token(args: Any, nbytes: int = 4) -> dict[str, int]:
+    """latent: layers * (kv_lora_rank + qk_rope_head_dim) (MLA) or layers * 2 * head_dim (MQA);
+    expanded multi-head: layers * heads * (qk_head_dim + v_head_dim); times dtype bytes."""
+    L, H = args.num_hidden_layers, args.num_attention_heads
+    if args.attention_type == "mla":
+        latent = L * (args.kv_lora_rank + args.qk_rope_head_dim)
+        expanded = L * H * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim)
+    else:
+        latent = L * 2 * args.head_dim
+        expanded = L * H * 2 * args.head_dim
+    return {"latent": latent * nbytes, "expanded": expanded * nbytes}
+
+
+# ------------------------------------------------------------------------------ workers
+def _random_ids(vocab: int, shape: tuple, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+def _mlx_peak(device_gpu: bool) -> Optional[int]:
+    import mlx.core as mx
+
+    return int(mx.get_peak_memory()) if device_gpu else None
+
+
+class TrainWorker:
+    """Builds one contender from the checkpoint; `run()` times one optimizer step."""
+
+    def __init__(self, name: str, ckpt: str, spec: dict):
+        self.name, self.spec = name, spec
+        B, T, A = spec["batch_size"], spec["seq_len"], spec["accum"]
+        with open(os.path.join(ckpt, "config.json")) as f:
+            self.config = json.load(f)
+        vocab = self.config["vocab_size"]
+        self.ids = [_random_ids(vocab, (B, T + 1), 1000 + m) for m in range(A)]
+        getattr(self, "_build_" + name)(ckpt)
+
+    # ours ---------------------------------------------------------------------------
+    def _build_mlx_model(self, ckpt: str) -> None:
+        import mlx.core as mx
+
+        from mlx_model.checkpoint import load_model
+        from mlx_model.train import Trainer, TrainConfig, pick_dtype
+
+        s = self.spec
+        cfg = TrainConfig(preset=s["preset"], batch_size=s["batch_size"], seq_len=s["seq_len"], accum=s["accum"],
+                          dtype=s["dtype"], max_steps=1000, warmup=10, progress=False)
+        model = load_model(ckpt, dtype=pick_dtype(cfg.dtype))
+        if s.get("dispatch"):
+            for layer in model.layers:
+                if hasattr(layer.mlp, "experts"):
+                    layer.mlp.experts.dispatch = s["dispatch"]
+        model.train()
+        self.trainer = Trainer(cfg, model.args, model)
+        self.batches = [mx.array(b) for b in self.ids]
+        self.gpu = mx.default_device() == mx.gpu
+
+    def _run_mlx_model(self) -> None:
+        self.trainer.step(self.batches)
+
+    # the PyTorch twin ---------------------------------------------------------------
+    def _build_torch_reference(self, ckpt: str) -> None:
+        import numpy as np
+        import torch
+
+        from mlx_model.checkpoint import read_safetensors, stack_experts
+        from mlx_model.config import ModelArgs
+        from torch_reference.loss import loss_terms, make_optimizer, update_bias
+        from torch_reference.model import Model
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        args = ModelArgs.from_dict(self.config)
+        torch.manual_seed(0)
+        self.model = Model(args)
+        w = stack_experts(read_safetensors(Path(ckpt) / "model.safetensors"), lambda xs: np.stack(xs))
+        self.model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in w.items()})
+        self.model.train()
+        self.opt = make_optimizer(self.model, 1e-3)
+        self.loss_terms, self.update_bias = loss_terms, update_bias
+        self.batches = [torch.from_numpy(b.astype(np.int64)) for b in self.ids]
+        self.torch = torch
+        self.gpu = False
+
+    def _run_torch_reference(self) -> None:
+        torch, A = self.torch, len(self.batches)
+        counts = None
+        for b in self.batches:
+            t = self.loss_terms(self.model, b[:, :-1], b[:, 1:])
+            (t.total / A).backward()
+            counts = t.counts if counts is None else counts + t.counts
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if counts is not None and counts.numel():
+            self.update_bias(self.model, counts)
+
+    # mlx-lm ---------------------------------------------------------------------------
+    def _build_mlx_lm(self, ckpt: str) -> None:
+        from functools import partial
+
+        import mlx.core as mx
+        import mlx.nn as nn
+        import mlx.optimizers as optim
+        from mlx.utils import tree_map
+        from mlx_lm.tuner.trainer import default_loss
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(Path(ckpt))  # sanitize + load_weights (strict)
+        model.train()
+        optimizer = optim.AdamW(learning_rate=1e-3, betas=[0.9, 0.95], weight_decay=0.1)
+        loss_value_and_grad = nn.value_and_grad(model, default_loss)
+        state = [model.state, optimizer.state, mx.random.state]
+        A = self.spec["accum"]
+
+        @partial(mx.compile, inputs=state, outputs=state)  # as mlx_lm.tuner.trainer.train
+        def step(batch, lengths, prev_grad, do_update):
+            (lvalue, toks), grad = loss_value_and_grad(model, batch, lengths)
+            if prev_grad is not None:
+                grad = tree_map(lambda x, y: x + y, grad, prev_grad)
+            if do_update:
+                if A > 1:
+                    grad = tree_map(lambda x: x / A, grad)
+                optimizer.update(model, grad)
+                grad = None
+            return lvalue, toks, grad
+
+        B, T = self.spec["batch_size"], self.spec["seq_len"]
+        self.lengths = mx.array([[0, T]] * B)
+        self.batches = [mx.array(b) for b in self.ids]
+        self.step_fn, self.lm_state, self.mx = step, state, mx
+        self.gpu = mx.default_device() == mx.gpu
+
+    def _run_mlx_lm(self) -> None:
+        grad = None
+        for i, b in enumerate(self.batches):
+            lvalue, toks, grad = self.step_fn(b, self.lengths, grad, i == len(self.batches) - 1)
+            self.mx.eval(lvalue, toks, grad, self.lm_state)
+
+    def run(self) -> None:
+        getattr(self, "_run_" + self.name)()
+
+
+class PeakWorker:
+    """Times a float32 matmul (n x n) with MLX on its default device and, on CPU, with torch."""
+
+    def __init__(self, name: str, ckpt: str, spec: dict, n: int = 2048):
+        import mlx.core as mx
+
+        self.mx, self.n = mx, n
+        self.a, self.b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        mx.eval(self.a, self.b)
+        self.torch = None
+        self.gpu = mx.default_device() == mx.gpu
+        if not self.gpu:
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)
+            self.torch, self.ta, self.tb = torch, torch.randn(n, n), torch.randn(n, n)
+        self.run()
+
+    def run(self) -> dict:
+        mx, reps, out = self.mx, 4, {}
+        t = time.perf_counter()
+        for _ in range(reps):
+            mx.eval(self.a @ self.b)
+        out["mlx"] = 2 * self.n**3 * reps / (time.perf_counter() - t)
+        if self.torch is not None:
+            t = time.perf_counter()
+            for _ in range(reps):
+                self.ta @ self.tb
+            out["torch"] = 2 * self.n**3 * reps / (time.perf_counter() - t)
+        return out
+
+
+class GenerateWorker:
+    """Greedy generation at batch 1 from a fixed random prompt; `run()` returns decode tokens/s."""
+
+    def __init__(self, name: str, ckpt: str, spec: dict):
+        import mlx.core as mx
+
+        self.mx, self.name, self.spec = mx, name, spec
+        with open(os.path.join(ckpt, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+        self.prompt = _random_ids(vocab, (spec["prompt_len"],), 7).tolist()
+        self.gpu = mx.default_device() == mx.gpu
+        if name == "mlx_model":
+            from mlx_model.checkpoint import load_model
+
+            self.model = load_model(ckpt)
+        else:
+            from mlx_lm.utils import load_model
+
+            self.model, _ = load_model(Path(ckpt))
+            self.tokenizer = _word_tokenizer(vocab)
+        self.model.eval()
+        self.tokens: list[int] = []
+        self.cache_bytes = 0
+
+    def run(self) -> dict:
+        n = self.spec["new_tokens"]
+        if self.name == "mlx_model":
+            from mlx_model.generate import Stats, decode
+            from mlx_model.sampling import SamplingParams
+
+            stats = Stats()
+            params = SamplingParams(max_tokens=n, temperature=0.0, top_p=1.0)
+            self.tokens = [t[0] for t in decode(self.model, [self.prompt], params, stats)]
+            self.cache_bytes = stats.cache_bytes_per_token
+            return {"tokens_per_s": stats.generated_tokens / stats.generate_time}
+        from mlx_lm.generate import stream_generate
+        from mlx_lm.models.cache import make_prompt_cache
+
+        mx = self.mx
+        cache = make_prompt_cache(self.model)
+        last, toks = None, []
+        for r in stream_generate(self.model, self.tokenizer, mx.array(self.prompt), max_tokens=n,
+                                 sampler=lambda logp: mx.argmax(logp, axis=-1), prompt_cache=cache):
+            last = r
+            toks.append(int(r.token))
+        self.tokens = toks
+        # bytes per cached position (their buffers grow in steps: count one position's worth)
+        self.cache_bytes = sum(a.nbytes // a.shape[2] for c in cache for a in (c.keys, c.values) if a is not None)
+        return {"tokens_per_s": last.generation_tps}
+
+
+def _word_tokenizer(vocab: int) -> Any:
+    """A real Hugging Face tokenizer over the ids ("t0".."t{V-1}", word-level, no eos), so
+    mlx-lm's stream_generate detokenizes as usual and never stops early."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tk))
+
+
+def worker_main(kind: str, name: str, ckpt: str, spec_json: str) -> None:
+    """A contender's process: build, warm up, then answer `run` / `quit` lines on stdin."""
+    if name != "torch_reference":
+        from mlx_model import _blas
+
+        _blas.ensure_fast_blas()
+        if hasattr(_blas, "ensure_native_codegen"):
+            _blas.ensure_native_codegen()
+    spec = json.loads(spec_json)
+    import importlib
+
+    # Import each contender's libraries before the memory baseline: they are not its footprint.
+    for mod in {"torch_reference": ["torch", "torch_reference.loss"], "peak": ["torch", "mlx.core"],
+                "mlx_model": ["mlx.core", "mlx_model.train", "mlx_model.generate"],
+                "mlx_lm": ["mlx.core", "mlx_lm.utils", "mlx_lm.generate", "mlx_lm.tuner.trainer"]}[name]:
+        importlib.import_module(mod)
+    base = rss_bytes()
+    cls = PeakWorker if name == "peak" else (TrainWorker if kind == "train" else GenerateWorker)
+    t = time.perf_counter()
+    w = cls(name, ckpt, spec)
+    for _ in range(spec.get("warmup", 2) if name != "peak" else 0):
+        w.run()
+    out = sys.stdout
+    out.write(json.dumps({"ready": time.perf_counter() - t, "blas": blas_label(name)}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        if line.strip() == "run":
+            t = time.perf_counter()
+            res = w.run() or {}
+            res["seconds"] = time.perf_counter() - t
+            out.write(json.dumps(res) + "\n")
+        else:
+            gpu_peak = _mlx_peak(True) if getattr(w, "gpu", False) else None
+            final = {"peak_memory_bytes": gpu_peak if gpu_peak else max_rss_bytes() - base,
+                     "tokens": getattr(w, "tokens", [])[:64], "cache_bytes": getattr(w, "cache_bytes", 0)}
+            out.write(json.dumps(final) + "\n")
+            out.flush()
+            return
+        out.flush()
+
+
+# -------------------------------------------------------------------------- coordinator
+class Proc:
+    def __init__(self, kind: str, name: str, ckpt: str, spec: dict):
+        env = dict(os.environ)
+        if name == "torch_reference":
+            env["MLX_MODEL_BLAS"] = "none"  # keep MKL's global symbols out of torch's process
+        elif name != "peak" and spec.get("mlx_blas_threads"):
+            n = str(spec["mlx_blas_threads"])
+            env.update(MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
+        cmd = [sys.executable, "-m", "tools.bench", "_worker", kind, name, ckpt, json.dumps(spec)]
+        root = str(Path(__file__).resolve().parents[1])
+        self.name = name
+        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"bench worker {self.name} died (exit {self.p.wait()}); see its stderr above")
+        return json.loads(line)
+
+    def ask(self, cmd: str) -> dict:
+        self.p.stdin.write(cmd + "\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def close(self) -> dict:
+        res = self.ask("quit")
+        self.p.wait()
+        return res
+
+
+def device_label() -> dict:
+    import mlx.core as mx
+
+    dev = mx.default_device()
+    label = {"mlx_device": str(dev), "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
+             "mlx": mx.__version__}
+    try:
+        label["gpu"] = mx.device_info().get("device_name") if dev == mx.gpu else None
+    except Exception:
+        label["gpu"] = None
+    return label
+
+
+def make_checkpoint(preset: str, out: str, overrides: dict) -> Any:
+    import mlx.core as mx
+
+    from mlx_model.checkpoint import save_model
+    from mlx_model.config import preset as get_preset
+    from mlx_model.model import Model
+
+    args = get_preset(preset).replace(**overrides)
+    mx.random.seed(0)
+    model = Model(args)
+    save_model(out, model)
+    return model
+
+
+def interleave(procs: list[Proc], repeats: int) -> dict[str, list[dict]]:
+    """Round-robin: every round asks every worker for one run, starting one later each round.
+
+    A short pause before each run lets the previous worker's BLAS threads stop spinning
+    (OpenMP keeps idle threads busy-waiting for up to ~200 ms), so they don't slow the next one.
+    """
+    res: dict[str, list[dict]] = {p.name: [] for p in procs}
+    for r in range(repeats):
+        for i in range(len(procs)):
+            p = procs[(r + i) % len(procs)]
+            time.sleep(SETTLE_S)
+            res[p.name].append(p.ask("run"))
+        print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return res
+
+
+def bench(a: argparse.Namespace) -> dict:
+    from mlx.utils import tree_flatten
+
+    from mlx_model.train import PRESET_TRAINING
+
+    tr = {"batch_size": 16, "seq_len": 128, "accum": 1} | {
+        k: v for k, v in PRESET_TRAINING.get(a.preset, {}).items() if k in ("batch_size", "seq_len", "accum")}
+    for k in ("batch_size", "seq_len", "accum"):
+        if getattr(a, k, None):
+            tr[k] = getattr(a, k)
+    tmp = tempfile.TemporaryDirectory(prefix="bench-")
+    model = make_checkpoint(a.preset, tmp.name, {})
+    args = model.args
+    names = [n for n in (a.only or NAMES)]
+    if args.hf_incompatibility() is not None and "mlx_lm" in names:
+        print(f"mlx_lm skipped: {args.hf_incompatibility()}", file=sys.stderr)
+        names.remove("mlx_lm")
+    if a.cmd == "generate":
+        names = [n for n in names if n != "torch_reference"]  # the twin has no KV cache
+    spec = dict(preset=a.preset, dtype=a.dtype, warmup=a.warmup, dispatch=a.dispatch, **tr,
+                mlx_blas_threads=a.mlx_blas_threads,
+                prompt_len=a.prompt_len, new_tokens=a.new_tokens)
+    procs: list[Proc] = []
+    try:
+        for n in names + (["peak"] if a.cmd == "train" else []):
+            print(f"starting {n} ...", file=sys.stderr, flush=True)
+            procs.append(Proc(a.cmd, n, tmp.name, spec))
+        runs = interleave(procs, a.repeats)
+        finals = {p.name: p.close() for p in procs}
+    finally:
+        for p in procs:
+            if p.p.poll() is None:
+                p.p.kill()
+        tmp.cleanup()
+    blas = {p.name: p.info.get("blas") for p in procs}
+    out: dict[str, Any] = {"device": device_label() | {"blas": blas}, "preset": a.preset}
+    weights = dict(tree_flatten(model.parameters()))
+    if a.cmd == "train":
+        T, A, B = tr["seq_len"], tr["accum"], tr["batch_size"]
+        tokens = B * T * A
+        fpt = useful_flops_per_token(args, T, active_params(weights, args))
+        peaks = [max(r["mlx"], r.get("torch", 0.0)) for r in runs["peak"]]
+        peak = median(peaks)
+        out["train"] = {}
+        for n in names:
+            sec = median([r["seconds"] for r in runs[n]])
+            out["train"][n] = {"tokens_per_s": tokens / sec, "mfu": tokens / sec * fpt / peak,
+                               "peak_memory_bytes": finals[n]["peak_memory_bytes"]}
+        out["extra"] = {"batch": [B, T, A], "flops_per_token": fpt, "matmul_peak_flops": peak,
+                        "peak_mlx": median([r["mlx"] for r in runs["peak"]]),
+                        "peak_torch": median([r.get("torch", 0.0) for r in runs["peak"]]),
+                        "step_seconds": {n: median([r["seconds"] for r in runs[n]]) for n in names},
+                        "step_seconds_all": {n: [round(r["seconds"], 4) for r in runs[n]] for n in names}}
+        if a.preset == "seed":
+            sec = median([r["seconds"] for r in runs["mlx_model"]])
+            out["extra"]["seed_micro_batches_per_s"] = A / sec
+    else:
+        out["generate"] = {n: {"tokens_per_s": median([r["tokens_per_s"] for r in runs[n]]),
+                               "peak_memory_bytes": finals[n]["peak_memory_bytes"]} for n in names}
+        out["extra"] = {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+                        "measured_cache_bytes_per_token": {n: finals[n]["cache_bytes"] for n in names}}
+        if len(names) > 1:
+            same = finals[names[0]]["tokens"] == finals[names[1]]["tokens"]
+            out["extra"]["same_greedy_tokens_first_64"] = same
+    import mlx.core as mx
+
+    half = a.dtype == "bfloat16" or (a.dtype == "auto" and mx.default_device() == mx.gpu)
+    out["cache_bytes_per_token"] = cache_bytes_per_token(args, 2 if half else 4)
+    return out
+
+
+def print_table(res: dict, repeats: int) -> None:
+    d, x = res["device"], res["extra"]
+    print(f"device: MLX {d['mlx_device']} | {d['cpu']}, {d['cores']} cores"
+          + (f" | GPU {d['gpu']}" if d.get("gpu") else "") + f" | mlx {d['mlx']}")
+    print("BLAS mapped per process: " + "; ".join(f"{k}: {v}" for k, v in d["blas"].items()))
+    print(f"preset {res['preset']}; median of {repeats} interleaved rounds (round-robin, rotating order)")
+    if "train" in res:
+        B, T, A = x["batch"]
+        base = res["train"]
+        print(f"train: batch {B} x seq {T} x accum {A} = {B * T * A} tokens/step, float32 unless --dtype; "
+              f"useful FLOPs/token {x['flops_per_token'] / 1e6:.1f}M; matmul peak (fp32 2048^2, median) "
+              f"{x['matmul_peak_flops'] / 1e9:.1f} GFLOP/s (mlx {x['peak_mlx'] / 1e9:.1f}, torch {x['peak_torch'] / 1e9:.1f})")
+        print(f"{'contender':16s} {'tokens/s':>10s} {'s/step':>8s} {'(min-max)':>13s} {'GFLOP/s':>8s} {'MFU':>6s} "
+              f"{'peak mem':>10s}  ours/this")
+        ours = base.get("mlx_model", {}).get("tokens_per_s")
+        for n, r in base.items():
+            ratio = f"{ours / r['tokens_per_s']:.2f}x" if ours and n != "mlx_model" else ""
+            runs = x["step_seconds_all"][n]
+            spread = f"({min(runs):.2f}-{max(runs):.2f})"
+            print(f"{n:16s} {r['tokens_per_s']:10.0f} {x['step_seconds'][n]:8.3f} {spread:>13s} "
+                  f"{r['tokens_per_s'] * x['flops_per_token'] / 1e9:8.1f} {100 * r['mfu']:5.1f}% "
+                  f"{r['peak_memory_bytes'] / 2**20:8.0f}MB  {ratio}")
+        if "seed_micro_batches_per_s" in x:
+            m = x["seed_micro_batches_per_s"]
+            print(f"seed loop (fwd+bwd per micro-batch, AdamW every {A}th): ours {m:.2f} micro-batches/s "
+                  f"= {m / SEED_MICRO_PER_S:.2f}x the seed's measured {SEED_MICRO_PER_S}/s on this machine; "
+                  f"the seed's README claims {SEED_M2_IT_PER_S:.0f} it/s on an Apple M2 (different hardware): "
+                  f"ours here is {m / SEED_M2_IT_PER_S:.2f}x that")
+        print("peak mem: ru_maxrss of the contender's own process minus its RSS after imports "
+              "(MLX on GPU: mx.get_peak_memory)")
+    else:
+        print(f"generate: batch 1, prompt {x['prompt_len']}, {x['new_tokens']} new tokens, greedy; decode tokens/s "
+              "(prefill excluded)")
+        print(f"{'contender':16s} {'tokens/s':>10s} {'peak mem':>10s} {'cache B/token':>14s}  ours/this")
+        ours = res["generate"].get("mlx_model", {}).get("tokens_per_s")
+        for n, r in res["generate"].items():
+            ratio = f"{ours / r['tokens_per_s']:.2f}x" if ours and n != "mlx_model" else ""
+            print(f"{n:16s} {r['tokens_per_s']:10.1f} {r['peak_memory_bytes'] / 2**20:8.0f}MB "
+                  f"{x['measured_cache_bytes_per_token'][n]:14d}  {ratio}")
+        if "same_greedy_tokens_first_64" in x:
+            print(f"same greedy tokens (first 64): {x['same_greedy_tokens_first_64']}")
+    c = res["cache_bytes_per_token"]
+    print(f"cache bytes/token (all layers): latent {c['latent']} vs expanded multi-head {c['expanded']} "
+          f"({c['expanded'] / c['latent']:.1f}x); latent = layers*(kv_lora_rank+qk_rope_head_dim)*bytes "
+          "(MQA: layers*2*head_dim*bytes), expanded = layers*heads*(qk_head_dim+v_head_dim)*bytes")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "_worker":
+        worker_main(*argv[1:5])
+        return
+    from mlx_model import _blas
+
+    _blas.ensure_fast_blas()
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
+    p.add_argument("cmd", choices=["train", "generate"])
+    p.add_argument("--preset", default="small", choices=["tiny", "small", "seed"])
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs per contender (compile)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--accum", type=int)
+    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
+                   help="our training dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--dispatch", choices=["dense", "gather"], help="force our expert dispatch")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--only", nargs="+", choices=list(NAMES), help="contenders to run")
+    p.add_argument("--mlx-blas-threads", type=int,
+                   help="MKL/OpenBLAS threads for the MLX contenders (default: the library's own choice)")
+    a = p.parse_args(argv)
+    t = time.perf_counter()
+    res = bench(a)
+    print_table(res, a.repeats)
+    print(f"(bench wall time {time.perf_counter() - t:.0f} s)")
+    if a.json:
+        keep = {k: res[k] for k in ("device", "preset", "train", "generate", "cache_bytes_per_token") if k in res}
+        keep.setdefault("train", {})
+        keep.setdefault("generate", {})
+        Path(a.json).write_text(json.dumps(keep, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
