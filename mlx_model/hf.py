@@ -229,35 +229,32 @@ def _write_dir(out: Path, fill: Callable[[Path], None]) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _resave(src: Path, out: Path, dtype: Any) -> Any:
+    """Load `src` (any supported layout), write it as our directory at `out` with its tokenizer."""
+    model = load_model(src, dtype=dtype)
+
+    def fill(tmp: Path) -> None:
+        save_model(tmp, model)
+        _copy_side_files(src, tmp)
+
+    _write_dir(out, fill)
+    return model
+
+
 def import_hf(src: str | Path, out: str | Path, dtype: Any = None) -> Any:
     """A Hugging Face deepseek_v3 directory (any layout above) -> our checkpoint directory.
 
     Returns the loaded MLX model. The tokenizer and generation files are copied.
     """
-    src_p, out_p = require_dir(src), Path(out)
-    model = load_model(src_p, dtype=dtype)
-
-    def fill(tmp: Path) -> None:
-        save_model(tmp, model)
-        _copy_side_files(src_p, tmp)
-
-    _write_dir(out_p, fill)
-    return model
+    return _resave(require_dir(src), Path(out), dtype)
 
 
 def export_hf(src: str | Path, out: str | Path, dtype: Any = None) -> Any:
     """Our checkpoint -> a directory that transformers and mlx-lm load (model, config,
     tokenizer; no optimizer or trainer state). Raises CheckpointError when the config has
     no deepseek_v3 form, naming why."""
-    src_p, out_p = require_dir(src), Path(out)
+    src_p = require_dir(src)
     reason = load_args(src_p).hf_incompatibility()
     if reason is not None:
         raise CheckpointError(f"{src_p} cannot be exported as Hugging Face deepseek_v3: {reason}")
-    model = load_model(src_p, dtype=dtype)
-
-    def fill(tmp: Path) -> None:
-        save_model(tmp, model)
-        _copy_side_files(src_p, tmp)
-
-    _write_dir(out_p, fill)
-    return model
+    return _resave(src_p, Path(out), dtype)

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mlx_model.config import ModelArgs  # noqa: E402
+from mlx_model.config import ModelArgs, preset  # noqa: E402
 from mlx_model.model import Model as MLXModel  # noqa: E402
 from tools import convert  # noqa: E402
 from torch_reference.model import Model as TorchModel  # noqa: E402
@@ -34,27 +34,8 @@ TOL_GRAD = 1e-4  # each parameter's gradient
 def tiny_args(**kw) -> ModelArgs:
     """dim 64, 2 layers (1 dense + 1 MoE), 4 experts top-2, MLA. init_std 0.1 so attention is
     far from uniform and a wrong detail shows up as a large error."""
-    base = dict(
-        vocab_size=97,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=16,
-        n_routed_experts=4,
-        n_shared_experts=1,
-        num_experts_per_tok=2,
-        first_k_dense_replace=1,
-        max_position_embeddings=128,
-        init_std=0.1,
-    )
-    base.update(kw)
-    return ModelArgs(**base).validate()
+    base = preset("tiny").replace(vocab_size=97, max_position_embeddings=128, init_std=0.1)
+    return base.replace(**kw).validate()
 
 
 def mqa_args(**kw) -> ModelArgs:
