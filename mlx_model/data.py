@@ -22,7 +22,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 EOS_TOKEN = "<|endoftext|>"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: BPE tokenizer.json prepends <|endoftext|> for transformers/mlx-lm
 VERY_LARGE_INTEGER = int(1e30)  # transformers' "no length limit" value for model_max_length
 _DATA_FIX = "pass --data with .txt/.md files, a directory of them, or .jsonl with a 'text' field"
 # Tried in order when a tokenizer.json comes without a tokenizer_config.json naming its eos.
