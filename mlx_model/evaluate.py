@@ -14,23 +14,17 @@ from typing import Optional
 
 import mlx_model  # noqa: F401  (loads a fast BLAS before MLX)
 
-import mlx.core as mx
 import numpy as np
 
 from .checkpoint import CheckpointError, load_model, require_dir
 from .data import DataError, Tokenizer, eval_batches, load_texts
-from .loss import cross_entropy
+from .loss import summed_cross_entropy
 
 
 def evaluate(model, ids: np.ndarray, seq_len: int, batch_size: int = 8, max_batches: int = 10**9) -> dict:
     """Token-weighted mean CE over consecutive windows of `ids`; returns ce, ppl, tokens."""
-    model.eval()
-    total, n = 0.0, 0
-    for b in eval_batches(ids, batch_size, seq_len, max_batches):
-        b = mx.array(b)
-        ce = cross_entropy(model(b[:, :-1]), b[:, 1:])
-        total += ce.item() * b[:, 1:].size
-        n += b[:, 1:].size
+    total, n = summed_cross_entropy(model, eval_batches(ids, batch_size, seq_len, max_batches))
+    total = total.item()
     return {"ce": total / n, "ppl": math.exp(total / n), "tokens": n}
 
 

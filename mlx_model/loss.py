@@ -39,6 +39,18 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return (lse - mx.take_along_axis(x, targets[..., None], -1)[..., 0]).mean()
 
 
+def summed_cross_entropy(model: Model, batches: list) -> tuple[mx.array, int]:
+    """(sum of per-token CE, token count) over [B, T+1] batches, model in eval mode
+    (capacity dropping off); the caller divides, after any reduction across ranks."""
+    model.eval()
+    total, n = mx.array(0.0), 0
+    for b in batches:
+        b = mx.array(b)
+        total = total + cross_entropy(model(b[:, :-1]), b[:, 1:]) * b[:, 1:].size
+        n += b[:, 1:].size
+    return total, n
+
+
 def balance_loss(routing: list[Routing], args: ModelArgs) -> mx.array:
     """sum over MoE layers of mean over sequences of sum_i f_i * P_i, where
     f_i = E / (k T) * (tokens of the sequence choosing i) and P_i = mean_t s_i / sum_j s_j."""

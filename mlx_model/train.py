@@ -34,7 +34,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, ModelArgs, preset
 from .data import DataError, Tokenizer, eval_batches, get_batch, prepare_data
 from .distributed import DistributedError, Watchdog, all_sum_or_fail, init_group
-from .loss import LossTerms, loss_terms, moe_layers, update_bias
+from .loss import LossTerms, loss_terms, moe_layers, summed_cross_entropy, update_bias
 from .model import Model
 from .optim import clip_by_global_norm, make_optimizer, make_schedule
 
@@ -271,15 +271,7 @@ class Trainer:
 
     def evaluate(self, batches: list[np.ndarray]) -> dict[str, float]:
         """Token-weighted mean CE on fixed validation batches (capacity dropping off)."""
-        from .loss import cross_entropy
-
-        self.model.eval()
-        tot, n = mx.array(0.0), 0
-        for b in batches:
-            b = mx.array(b)
-            logits = self.model(b[:, :-1])
-            tot = tot + cross_entropy(logits, b[:, 1:]) * b[:, 1:].size
-            n += b[:, 1:].size
+        tot, n = summed_cross_entropy(self.model, batches)
         self.model.train()
         vals = self.all_sum(mx.stack([tot, mx.array(float(n))]))
         val_ce = (vals[0] / vals[1]).item()
