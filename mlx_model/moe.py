@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelArgs
-from .layers import MLP
+from .layers import MLP, swiglu
 
 
 class Routing(NamedTuple):
@@ -110,7 +110,7 @@ class Experts(nn.Module):
         # over experts itself (sum_e c_e (h_e W_e) = (c h) W: no [E, N, D] intermediate).
         g = x @ self.gate_proj.weight.reshape(E * I, D).T  # [N, E*I]
         u = x @ self.up_proj.weight.reshape(E * I, D).T
-        h = (nn.silu(g) * u).reshape(N, E, I) * combine[..., None]  # [N, E, I]
+        h = swiglu(g, u).reshape(N, E, I) * combine[..., None]  # [N, E, I]
         return h.reshape(N, E * I) @ self.down_proj.weight.swapaxes(-1, -2).reshape(E * I, D)
 
     def block_size(self, slots: int) -> int:
@@ -134,7 +134,7 @@ class Experts(nn.Module):
             def mm1(a: mx.array, w: mx.array) -> mx.array:
                 return mx.gather_mm(a, w.swapaxes(-1, -2), rhs_indices=indices)  # [N, k, 1, *]
 
-            h = nn.silu(mm1(xs, self.gate_proj.weight)) * mm1(xs, self.up_proj.weight)
+            h = swiglu(mm1(xs, self.gate_proj.weight), mm1(xs, self.up_proj.weight))
             y = mm1(h, self.down_proj.weight).squeeze(-2)  # [N, k, D]
             return (y * weights[..., None].astype(y.dtype)).sum(1)
         R = -(-(S + E * (b - 1)) // b) * b  # static bound on the padded rows, a whole number of blocks
@@ -155,7 +155,7 @@ class Experts(nn.Module):
         def mm(a: mx.array, w: mx.array) -> mx.array:
             return mx.gather_mm(a, w.swapaxes(-1, -2), rhs_indices=block_expert, sorted_indices=True)
 
-        h = nn.silu(mm(xs, self.gate_proj.weight)) * mm(xs, self.up_proj.weight)  # [R/b, b, I]
+        h = swiglu(mm(xs, self.gate_proj.weight), mm(xs, self.up_proj.weight))  # [R/b, b, I]
         y = mm(h, self.down_proj.weight).reshape(R, -1)[dest].reshape(N, k, -1)  # [N, k, D]
         return (y * weights[..., None].astype(y.dtype)).sum(1)
 
