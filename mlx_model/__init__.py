@@ -7,9 +7,17 @@ On Linux it first loads a fast BLAS (MKL or OpenBLAS) for MLX's CPU backend and 
 `mx.compile` kernels use AVX2/FMA; this must happen before `mlx.core` is imported: see `_blas`.
 """
 
+import os
+import sys
 from typing import Any
 
 from ._blas import ensure_fast_blas, ensure_native_codegen
+
+if sys.platform.startswith("linux"):
+    # The trainer's CPU lanes (mlx_model/trainer.py) are streams that only run side by side when
+    # MLX orders a graph breadth first; depth first, its cap on queued tasks makes the second
+    # lane wait for the first. MLX reads this once, at its first evaluation.
+    os.environ.setdefault("MLX_BFS_MAX_WIDTH", "1000")
 
 ensure_fast_blas()
 ensure_native_codegen()

@@ -241,15 +241,37 @@ def blas_path() -> Optional[str]:
     return _blas_path
 
 
+def set_blas_threads(n: int) -> Optional[int]:
+    """Set the loaded BLAS's thread count (MKL or OpenBLAS); return the previous one, or None
+    when there is no library of ours to tell (then nothing changes)."""
+    import ctypes
+
+    if not _blas_path:
+        return None
+    lib = ctypes.CDLL(_blas_path)
+    if hasattr(lib, "MKL_Get_Max_Threads"):
+        prev = lib.MKL_Get_Max_Threads()
+        lib.MKL_Set_Num_Threads(ctypes.c_int(n))
+        return prev
+    if hasattr(lib, "openblas_get_num_threads"):
+        prev = lib.openblas_get_num_threads()
+        lib.openblas_set_num_threads(ctypes.c_int(n))
+        return prev
+    return None
+
+
 # ------------------------------------------------------------------ mx.compile code generation
 
 # What MLX itself passes in its later releases when built for AVX2 (MLX 0.32.4 passes none).
 JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 # What lets g++ vectorise the kernel loops (see ensure_native_codegen): inline MLX's scalar maths
-# (exp, sigmoid, ...) into the loop, and let it evaluate both sides of MLX's branch-free selects.
-# Neither changes a result: no reassociation, no fast-math; only FP exception flags may differ.
+# (exp, sigmoid, ...) into the loop, and let it evaluate both sides of MLX's branch-free selects
+# (only FP exception flags may differ). -ffp-contract=off keeps every a * b + c rounded twice, as
+# MLX's own element-wise ops do: with -mfma, g++ would otherwise fuse them into FMAs, and a
+# compiled step would no longer give the uncompiled step's numbers. No fast-math, no reassociation.
 VECTORIZE_FLAGS = (
     "-fno-trapping-math",
+    "-ffp-contract=off",
     "--param", "max-inline-insns-single=2000",
     "--param", "max-inline-insns-auto=2000",
 )

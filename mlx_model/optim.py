@@ -53,11 +53,28 @@ def make_optimizer(learning_rate, weight_decay: float = 0.1, betas=(0.9, 0.95), 
     return optim.MultiOptimizer([decay, no_decay], [lambda path, p: p.ndim >= 2])
 
 
-def clip_by_global_norm(grads, max_norm: float):
-    """(clipped grads, global norm before clipping); max_norm <= 0 disables clipping."""
-    if max_norm <= 0:
-        from mlx.utils import tree_flatten
+def global_norm(grads) -> mx.array:
+    """sqrt(sum of squares of every gradient), float32.
 
-        norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+    Each square-sum is a [1, n] x [n, 1] matmul: one pass through the BLAS (vectorised, threaded)
+    instead of MLX's square + sum reduction, ~10x slower on the CPU for a whole model.
+    """
+    from mlx.utils import tree_flatten
+
+    total = mx.array(0.0)
+    for _, g in tree_flatten(grads):
+        g = g.reshape(1, -1).astype(mx.float32)
+        total = total + (g @ g.T).reshape(())
+    return mx.sqrt(total)
+
+
+def clip_by_global_norm(grads, max_norm: float):
+    """(clipped grads, global norm before clipping); max_norm <= 0 disables clipping.
+    Scales every gradient by min(1, max_norm / (norm + 1e-6)), as optim.clip_grad_norm does."""
+    from mlx.utils import tree_map
+
+    norm = global_norm(grads)
+    if max_norm <= 0:
         return grads, norm
-    return optim.clip_grad_norm(grads, max_norm)
+    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    return tree_map(lambda g: g * scale.astype(g.dtype), grads), norm

@@ -26,17 +26,16 @@ from typing import Any, Optional
 import mlx_model  # noqa: F401  (loads a fast BLAS before MLX)
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelArgs, preset
-from .data import DataError, Tokenizer, eval_batches, get_batch, prepare_data
+from .data import DataError, eval_batches, get_batch, prepare_data
 from .distributed import DistributedError, Watchdog, all_sum_or_fail, init_group
-from .loss import LossTerms, loss_terms, moe_layers, summed_cross_entropy, update_bias
+from .loss import moe_layers
 from .model import Model
-from .optim import clip_by_global_norm, make_optimizer, make_schedule
+from .trainer import Trainer  # noqa: F401  (also imported from here)
 
 DEFAULT_OUT = "weights/deepseek-small"
 
@@ -76,6 +75,7 @@ class TrainConfig:
     compile: bool = True  # mx.compile the step functions
     progress: bool = True  # show the progress bar
     dist_timeout: float = 300.0  # data parallel: seconds without progress from the other ranks before giving up
+    lanes: int = 0  # CPU: micro-steps run side by side on this many threads (0 = auto: 2 on a multi-core Linux CPU)
 
 
 PRESET_TRAINING = {
@@ -185,6 +185,13 @@ def check_config(cfg: TrainConfig) -> None:
         bad("warmup", "must be >= 0")
     if cfg.dist_timeout <= 0:
         bad("dist_timeout", "must be > 0 seconds")
+    if cfg.lanes < 0:
+        bad("lanes", "must be >= 0 (0 = auto)")
+    if cfg.lanes > 1:
+        if mx.default_device() != mx.cpu:
+            bad("lanes", "lanes are CPU threads: use --lanes 1 (or 0) on a GPU")
+        if cfg.accum % cfg.lanes and cfg.batch_size % cfg.lanes:
+            bad("lanes", f"must divide --accum ({cfg.accum}) or --batch-size ({cfg.batch_size})")
 
 
 # ------------------------------------------------------------------------ training
@@ -196,95 +203,6 @@ def _read_trainer_state(path: str) -> dict:
         return json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise ckpt.CheckpointError(f"{f} is damaged ({e}); resume from an earlier copy") from None
-
-
-class Trainer:
-    """Holds model, optimizer and the compiled step functions for one run."""
-
-    def __init__(self, cfg: TrainConfig, args: ModelArgs, model: Model, group: Any = None,
-                 optimizer_state: Optional[dict] = None):
-        self.cfg, self.args, self.model = cfg, args, model
-        self.group = group
-        self.world = group.size() if group is not None else 1
-        self.schedule = make_schedule(cfg.lr, cfg.warmup, cfg.max_steps, cfg.schedule, cfg.min_lr_ratio,
-                                      cfg.decay_fraction)
-        self.optimizer = make_optimizer(self.schedule, cfg.weight_decay)
-        self.optimizer.init(model.trainable_parameters())
-        if optimizer_state is not None:  # before compiling: the compiled steps capture this state
-            self.optimizer.state = optimizer_state
-        self.loss_and_grad = nn.value_and_grad(model, self._loss)
-        state = [model.state, self.optimizer.state]
-        micro, update = self._micro, self._update
-        if cfg.compile:
-            micro = mx.compile(micro, inputs=state, outputs=state)
-            update = mx.compile(update, inputs=state, outputs=state)
-        self.micro_fn, self.update_fn = micro, update
-
-    def _loss(self, inputs: mx.array, targets: mx.array):
-        t = loss_terms(self.model, inputs, targets)
-        return t.total, t
-
-    def _micro(self, batch: mx.array, acc: dict) -> tuple[dict, LossTerms]:
-        (_, terms), grads = self.loss_and_grad(batch[:, :-1], batch[:, 1:])
-        return tree_map(mx.add, acc, grads), terms
-
-    def _update(self, acc: dict) -> mx.array:
-        grads = tree_map(lambda g: g * (1.0 / self.cfg.accum), acc)
-        if self.world > 1:  # mean over ranks: all gradients concatenated into one all_sum
-            grads = nn.average_gradients(grads, group=self.group)
-        grads, norm = clip_by_global_norm(grads, self.cfg.grad_clip)
-        self.optimizer.update(self.model, grads)
-        return norm
-
-    def all_sum(self, x: mx.array) -> mx.array:
-        return mx.distributed.all_sum(x, group=self.group) if self.world > 1 else x
-
-    def step(self, batches: list[mx.array]) -> dict[str, Any]:
-        """One optimizer step over `accum` micro-batches; returns metrics (summed over ranks)."""
-        acc = tree_map(mx.zeros_like, self.model.trainable_parameters())
-        sums, counts, dropped = mx.zeros((4,)), None, mx.array(0)
-        for b in batches:
-            acc, t = self.micro_fn(b, acc)
-            mx.eval(acc, t)
-            sums = sums + mx.stack([t.total, t.ce, t.balance, t.mtp])
-            counts = t.counts if counts is None else counts + t.counts
-            dropped = dropped + t.dropped
-        norm = self.update_fn(acc)
-        reduced = self.all_sum(mx.concatenate([sums, dropped.reshape(1).astype(mx.float32),
-                                               counts.reshape(-1).astype(mx.float32)]))
-        counts = reduced[5:].reshape(counts.shape)
-        update_bias(self.model, counts)
-        mx.eval(self.model.state, self.optimizer.state, norm, reduced)
-        n = len(batches) * self.world
-        total, ce, bal, mtp = (reduced[:4] / n).tolist()
-        out = {"loss": total, "ce": ce, "ppl": math.exp(min(ce, 50.0)), "grad_norm": norm.item()}
-        if counts.size:
-            c = np.array(counts)
-            load = c.max(-1) / np.maximum(c.mean(-1), 1e-9)
-            out.update(balance=bal, expert_load_max_over_mean=float(load.max()),
-                       expert_load=[round(float(v), 4) for v in load])
-            if self.args.capacity_factor > 0:
-                out["dropped_fraction"] = float(reduced[4].item() / max(1.0, c.sum()))
-        if self.args.num_nextn_predict_layers:
-            out["mtp"] = mtp
-        return out
-
-    def evaluate(self, batches: list[np.ndarray]) -> dict[str, float]:
-        """Token-weighted mean CE on fixed validation batches (capacity dropping off)."""
-        tot, n = summed_cross_entropy(self.model, batches)
-        self.model.train()
-        vals = self.all_sum(mx.stack([tot, mx.array(float(n))]))
-        val_ce = (vals[0] / vals[1]).item()
-        return {"val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0))}
-
-    # ---------------------------------------------------------------- persistence
-    def save(self, out: Path, tok: Tokenizer, step: int) -> None:
-        ckpt.save_model(out, self.model, tok)
-        opt = dict(tree_flatten(self.optimizer.state))
-        ckpt.atomic_write(out / "optimizer.safetensors", lambda t: mx.save_safetensors(t, opt))
-        state = {"step": step, "train_config": dataclasses.asdict(self.cfg), "world_size": self.world}
-        ckpt.write_json(out / "trainer_state.json", state)
-
 
 
 # -------------------------------------------------------------------- data parallel

@@ -21,6 +21,7 @@ from mlx_model.config import preset
 from mlx_model.loss import cross_entropy, loss_terms, moe_layers, update_bias
 from mlx_model.model import Model
 from mlx_model.train import TrainConfig, Trainer
+from mlx_model.trainer import lane_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,6 +75,42 @@ def test_compiled_equals_uncompiled():
         runs.append(flat(t.model))
     for k in runs[0]:
         assert rel_err(runs[1][k], runs[0][k]) < 1e-5, k
+
+
+@pytest.mark.parametrize("batch_size,accum", [(2, 4), (4, 1), (4, 3)])
+def test_lanes_equal_one_lane(batch_size, accum):
+    """Two CPU lanes (micro-batches dealt out when accum is even, rows split otherwise) give the
+    one-lane step: same metrics, same parameters after 3 steps, up to float32 summation order."""
+    rng = np.random.default_rng(4)
+    T = 16
+    data = [[rng.integers(0, 512, (batch_size, T + 1)).astype(np.int32) for _ in range(accum)] for _ in range(3)]
+    runs = []
+    for lanes in (1, 2):
+        t = make_trainer(TrainConfig(batch_size=batch_size, seq_len=T, accum=accum, max_steps=3, lr=1e-3,
+                                     warmup=1, lanes=lanes), bias_update_speed=0.01, num_nextn_predict_layers=1,
+                         capacity_factor=1.25)
+        assert t.lanes == lanes
+        metrics = [t.step([mx.array(b) for b in step]) for step in data]
+        runs.append((metrics, flat(t.model)))
+    (m1, p1), (m2, p2) = runs
+    for a, b in zip(m1, m2):
+        for key in ("loss", "ce", "balance", "mtp", "grad_norm", "dropped_fraction"):
+            assert abs(a[key] - b[key]) <= 2e-5 * max(1.0, abs(a[key])), (key, a[key], b[key])
+        assert a["expert_load"] == b["expert_load"]
+    for k in p1:
+        err = rel_err(p2[k], p1[k])
+        assert err < 2e-5, f"{k}: rel err {err:.2e}"
+
+
+def test_lane_units_cover_every_row_once():
+    batches = [np.arange(8 * m, 8 * m + 8)[:, None] for m in range(3)]
+    for lanes, expect_units in ((1, 3), (2, 6), (4, 12)):  # accum 3: rows are split
+        work = lane_units(batches, lanes)
+        assert len(work) == lanes and len({len(w) for w in work}) == 1
+        rows = sorted(int(r) for w in work for u in w for r in u[:, 0])
+        assert rows == list(range(24)) and sum(len(w) for w in work) == expect_units
+    work = lane_units(batches + [batches[0] + 24], 2)  # accum 4: whole micro-batches dealt out
+    assert [[int(u[0, 0]) for u in w] for w in work] == [[0, 16], [8, 24]]
 
 
 def test_cross_entropy_matches_numpy():
@@ -274,6 +311,7 @@ def test_bad_inputs_exit_2(tmp_path, corpus):
     bad(run_train(*out, "--data", str(corpus), "--num-experts-per-tok", "9"), "num_experts_per_tok")
     bad(run_train(*out, "--data", str(corpus), "--hidden-size", "0"), "hidden_size")
     bad(run_train(*out, "--data", str(corpus), "--batch-size", "0"), "--batch-size")
+    bad(run_train(*out, "--data", str(corpus), "--batch-size", "5", "--lanes", "2"), "--lanes")
     bad(run_train(*out, "--resume", str(tmp_path / "nope")), "nope")
     blocker = tmp_path / "file"
     blocker.write_text("x")

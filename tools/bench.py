@@ -177,7 +177,7 @@ class TrainWorker:
 
         s = self.spec
         cfg = TrainConfig(preset=s["preset"], batch_size=s["batch_size"], seq_len=s["seq_len"], accum=s["accum"],
-                          dtype=s["dtype"], max_steps=1000, warmup=10, progress=False)
+                          dtype=s["dtype"], max_steps=1000, warmup=10, progress=False, lanes=s.get("lanes", 0))
         model = load_model(ckpt, dtype=pick_dtype(cfg.dtype))
         if s.get("dispatch"):
             for layer in model.layers:
@@ -391,7 +391,11 @@ def worker_main(kind: str, name: str, ckpt: str, spec_json: str) -> None:
     for _ in range(spec.get("warmup", 2) if name != "peak" else 0):
         w.run()
     out = sys.stdout
-    out.write(json.dumps({"ready": time.perf_counter() - t, "blas": blas_label(name)}) + "\n")
+    label = blas_label(name)
+    lanes = getattr(getattr(w, "trainer", None), "lanes", 1)
+    if lanes > 1:
+        label += f" (training: {lanes} CPU lanes, {max(1, (os.cpu_count() or 1) // lanes)} BLAS thread(s) each)"
+    out.write(json.dumps({"ready": time.perf_counter() - t, "blas": label}) + "\n")
     out.flush()
     for line in sys.stdin:
         if line.strip() == "run":
@@ -503,7 +507,7 @@ def bench(a: argparse.Namespace) -> dict:
         names.remove("mlx_lm")
     if a.cmd == "generate":
         names = [n for n in names if n != "torch_reference"]  # the twin has no KV cache
-    spec = dict(preset=a.preset, dtype=a.dtype, warmup=a.warmup, dispatch=a.dispatch, **tr,
+    spec = dict(preset=a.preset, dtype=a.dtype, warmup=a.warmup, dispatch=a.dispatch, lanes=a.lanes, **tr,
                 mlx_blas_threads=a.mlx_blas_threads,
                 prompt_len=a.prompt_len, new_tokens=a.new_tokens)
     procs: list[Proc] = []
@@ -622,6 +626,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
                    help="our training dtype (auto: bfloat16 on GPU, float32 on CPU)")
     p.add_argument("--dispatch", choices=["dense", "gather"], help="force our expert dispatch")
+    p.add_argument("--lanes", type=int, default=0,
+                   help="our trainer's parallel CPU lanes (default 0: its automatic choice; 1: one stream)")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--only", nargs="+", choices=list(NAMES), help="contenders to run")

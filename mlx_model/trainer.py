@@ -1,0 +1,184 @@
+"""The optimizer step: compiled micro-steps that sum gradients, one compiled update, the MoE
+bias update; optionally spread over parallel CPU lanes.
+
+Lanes (CPU only). MLX's CPU backend runs each stream's operations on one thread; only its BLAS
+calls use more cores. On a CPU the step is mostly element-wise work, so a second core sits idle
+for most of it. With `lanes` > 1 the step's work is cut into equal units, which run on that many
+CPU streams side by side (each stream its own thread, the BLAS given cores // lanes threads):
+- accum divisible by lanes: lane j takes micro-batches j, j + lanes, ... (the shapes the loop
+  asks for);
+- otherwise each micro-batch is cut into `lanes` row blocks (batch_size divisible by lanes).
+Every unit's loss is a mean over equally many tokens (and sequences), so the mean of the units'
+gradients is the step's gradient whatever the cut; only the order of float32 sums changes.
+Each lane sums its own gradients; the lanes' sums are added before the update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_map
+
+from . import checkpoint as ckpt
+from ._blas import set_blas_threads
+from .config import ModelArgs
+from .data import Tokenizer
+from .loss import LossTerms, loss_terms, summed_cross_entropy, update_bias
+from .model import Model
+from .optim import clip_by_global_norm, make_optimizer, make_schedule
+
+
+def auto_lanes(batch_size: int, accum: int) -> int:
+    """2 on a Linux CPU with at least 2 cores when the work divides in two, else 1."""
+    if not sys.platform.startswith("linux") or mx.default_device() != mx.cpu:
+        return 1
+    if (os.cpu_count() or 1) < 2:
+        return 1
+    return 2 if accum % 2 == 0 or batch_size % 2 == 0 else 1
+
+
+def lane_units(batches: list, lanes: int) -> list[list]:
+    """Cut one step's micro-batches into `lanes` equal lists of equally sized units."""
+    if lanes == 1:
+        return [list(batches)]
+    if len(batches) % lanes == 0:
+        return [list(batches[j::lanes]) for j in range(lanes)]
+    rows = batches[0].shape[0] // lanes
+    return [[b[j * rows:(j + 1) * rows] for b in batches] for j in range(lanes)]
+
+
+class Trainer:
+    """Holds model, optimizer and the compiled step functions for one run."""
+
+    def __init__(self, cfg: Any, args: ModelArgs, model: Model, group: Any = None,
+                 optimizer_state: Optional[dict] = None):
+        self.cfg, self.args, self.model = cfg, args, model
+        self.group = group
+        self.world = group.size() if group is not None else 1
+        self.schedule = make_schedule(cfg.lr, cfg.warmup, cfg.max_steps, cfg.schedule, cfg.min_lr_ratio,
+                                      cfg.decay_fraction)
+        self.optimizer = make_optimizer(self.schedule, cfg.weight_decay)
+        self.optimizer.init(model.trainable_parameters())
+        if optimizer_state is not None:  # before compiling: the compiled steps capture this state
+            self.optimizer.state = optimizer_state
+        lanes = getattr(cfg, "lanes", 1) or auto_lanes(cfg.batch_size, cfg.accum)
+        if lanes > 1 and cfg.accum % lanes and cfg.batch_size % lanes:
+            raise ValueError(f"lanes {lanes} divides neither accum {cfg.accum} nor batch_size {cfg.batch_size}")
+        self.lanes = lanes
+        self.units = cfg.accum * (1 if cfg.accum % lanes == 0 else lanes)  # gradient units per step
+        self.streams = [mx.new_stream(mx.cpu) for _ in range(lanes)] if lanes > 1 else [None]
+        # Per lane: one function for a lane's first unit (its gradients start the sum) and one
+        # that adds to the sum. Separate function objects, so each is traced on its own stream.
+        self.micro_fns = [(self._compiled(first=True), self._compiled(first=False)) for _ in self.streams]
+        update = self._update
+        if cfg.compile:
+            state = [model.state, self.optimizer.state]
+            update = mx.compile(update, inputs=state, outputs=state)
+        self.update_fn = update
+
+    def _compiled(self, first: bool) -> Callable:
+        model = self.model
+
+        def micro(params: dict, batch: mx.array, *acc: dict) -> tuple[dict, LossTerms]:
+            # Functional in the trainable parameters (passed in, not read from the model), so
+            # the compiled function writes nothing back into the model: two lanes can run at once.
+            def loss(p: dict) -> tuple[mx.array, LossTerms]:
+                model.update(p)
+                t = loss_terms(model, batch[:, :-1], batch[:, 1:])
+                return t.total, t
+
+            (_, terms), grads = mx.value_and_grad(loss)(params)
+            return (grads if first else tree_map(mx.add, acc[0], grads)), terms
+
+        if not self.cfg.compile:
+            return micro
+        # inputs=model.state: the frozen routing bias (which update_bias moves) is read at call time.
+        return mx.compile(micro, inputs=model.state)
+
+    def _update(self, acc: dict) -> mx.array:
+        grads = tree_map(lambda g: g * (1.0 / self.units), acc)
+        if self.world > 1:  # mean over ranks: all gradients concatenated into one all_sum
+            grads = nn.average_gradients(grads, group=self.group)
+        grads, norm = clip_by_global_norm(grads, self.cfg.grad_clip)
+        self.optimizer.update(self.model, grads)
+        return norm
+
+    def all_sum(self, x: mx.array) -> mx.array:
+        return mx.distributed.all_sum(x, group=self.group) if self.world > 1 else x
+
+    def _gradients(self, batches: list[mx.array]) -> tuple[dict, mx.array, Any, mx.array]:
+        """Summed gradients, summed loss terms [4], expert counts and dropped slots of one step."""
+        params = self.model.trainable_parameters()
+        work = lane_units(batches, self.lanes)
+        accs: list = [None] * self.lanes
+        sums, counts, dropped = mx.zeros((4,)), None, mx.array(0)
+        threads = set_blas_threads(max(1, (os.cpu_count() or 1) // self.lanes)) if self.lanes > 1 else None
+        try:
+            for i in range(len(work[0])):
+                terms = []
+                for j, stream in enumerate(self.streams):  # queue every lane's unit, then run them together
+                    first, more = self.micro_fns[j]
+                    with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+                        accs[j], t = first(params, work[j][i]) if accs[j] is None else more(params, work[j][i], accs[j])
+                    self.model.update(params)  # a trace leaves its placeholders in the model: put the arrays back
+                    terms.append(t)
+                mx.eval(accs, terms)
+                for t in terms:
+                    sums = sums + mx.stack([t.total, t.ce, t.balance, t.mtp])
+                    counts = t.counts if counts is None else counts + t.counts
+                    dropped = dropped + t.dropped
+        finally:
+            if threads is not None:
+                set_blas_threads(threads)
+        acc = accs[0]
+        for other in accs[1:]:
+            acc = tree_map(mx.add, acc, other)
+        return acc, sums, counts, dropped
+
+    def step(self, batches: list[mx.array]) -> dict[str, Any]:
+        """One optimizer step over `accum` micro-batches; returns metrics (summed over ranks)."""
+        acc, sums, counts, dropped = self._gradients(batches)
+        norm = self.update_fn(acc)
+        reduced = self.all_sum(mx.concatenate([sums, dropped.reshape(1).astype(mx.float32),
+                                               counts.reshape(-1).astype(mx.float32)]))
+        counts = reduced[5:].reshape(counts.shape)
+        update_bias(self.model, counts)
+        mx.eval(self.model.state, self.optimizer.state, norm, reduced)
+        n = self.units * self.world
+        total, ce, bal, mtp = (reduced[:4] / n).tolist()
+        out = {"loss": total, "ce": ce, "ppl": math.exp(min(ce, 50.0)), "grad_norm": norm.item()}
+        if counts.size:
+            c = np.array(counts)
+            load = c.max(-1) / np.maximum(c.mean(-1), 1e-9)
+            out.update(balance=bal, expert_load_max_over_mean=float(load.max()),
+                       expert_load=[round(float(v), 4) for v in load])
+            if self.args.capacity_factor > 0:
+                out["dropped_fraction"] = float(reduced[4].item() / max(1.0, c.sum()))
+        if self.args.num_nextn_predict_layers:
+            out["mtp"] = mtp
+        return out
+
+    def evaluate(self, batches: list[np.ndarray]) -> dict[str, float]:
+        """Token-weighted mean CE on fixed validation batches (capacity dropping off)."""
+        tot, n = summed_cross_entropy(self.model, batches)
+        self.model.train()
+        vals = self.all_sum(mx.stack([tot, mx.array(float(n))]))
+        val_ce = (vals[0] / vals[1]).item()
+        return {"val_ce": val_ce, "val_ppl": math.exp(min(val_ce, 50.0))}
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, out: Path, tok: Tokenizer, step: int) -> None:
+        ckpt.save_model(out, self.model, tok)
+        opt = dict(tree_flatten(self.optimizer.state))
+        ckpt.atomic_write(out / "optimizer.safetensors", lambda t: mx.save_safetensors(t, opt))
+        state = {"step": step, "train_config": dataclasses.asdict(self.cfg), "world_size": self.world}
+        ckpt.write_json(out / "trainer_state.json", state)
