@@ -68,13 +68,13 @@ def global_norm(grads) -> mx.array:
     return mx.sqrt(total)
 
 
-def clip_by_global_norm(grads, max_norm: float):
-    """(clipped grads, global norm before clipping); max_norm <= 0 disables clipping.
-    Scales every gradient by min(1, max_norm / (norm + 1e-6)), as optim.clip_grad_norm does."""
+def clip_by_global_norm(grads, max_norm: float, prescale: float = 1.0):
+    """(clipped grads, global norm before clipping) of `grads * prescale`; max_norm <= 0
+    disables clipping. Scales every gradient by min(1, max_norm / (norm + 1e-6)), as
+    optim.clip_grad_norm does. The prescale (e.g. 1 / micro-batches) joins the clip factor in
+    one multiply, which fuses into the optimizer's kernel: no scaled copy of the gradients."""
     from mlx.utils import tree_map
 
-    norm = global_norm(grads)
-    if max_norm <= 0:
-        return grads, norm
-    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    norm = global_norm(grads) * prescale
+    scale = mx.array(prescale) if max_norm <= 0 else prescale * mx.minimum(max_norm / (norm + 1e-6), 1.0)
     return tree_map(lambda g: g * scale.astype(g.dtype), grads), norm

@@ -66,16 +66,16 @@ class Trainer:
         self.world = group.size() if group is not None else 1
         self.schedule = make_schedule(cfg.lr, cfg.warmup, cfg.max_steps, cfg.schedule, cfg.min_lr_ratio,
                                       cfg.decay_fraction)
-        self.optimizer = make_optimizer(self.schedule, cfg.weight_decay)
-        self.optimizer.init(model.trainable_parameters())
-        if optimizer_state is not None:  # before compiling: the compiled steps capture this state
-            self.optimizer.state = optimizer_state
         lanes = getattr(cfg, "lanes", 1) or auto_lanes(cfg.batch_size, cfg.accum)
         if lanes > 1 and cfg.accum % lanes and cfg.batch_size % lanes:
             raise ValueError(f"lanes {lanes} divides neither accum {cfg.accum} nor batch_size {cfg.batch_size}")
         self.lanes = lanes
         self.units = cfg.accum * (1 if cfg.accum % lanes == 0 else lanes)  # gradient units per step
         self.streams = [mx.new_stream(mx.cpu) for _ in range(lanes)] if lanes > 1 else [None]
+        self.optimizer = make_optimizer(self.schedule, cfg.weight_decay)
+        self.optimizer.init(model.trainable_parameters())
+        if optimizer_state is not None:  # before compiling: the compiled steps capture this state
+            self.optimizer.state = optimizer_state
         # Per lane: one function for a lane's first unit (its gradients start the sum) and one
         # that adds to the sum. Separate function objects, so each is traced on its own stream.
         self.micro_fns = [(self._compiled(first=True), self._compiled(first=False)) for _ in self.streams]
@@ -105,10 +105,11 @@ class Trainer:
         return mx.compile(micro, inputs=model.state)
 
     def _update(self, acc: dict) -> mx.array:
-        grads = tree_map(lambda g: g * (1.0 / self.units), acc)
+        prescale = 1.0 / self.units  # the mean over units
         if self.world > 1:  # mean over ranks: all gradients concatenated into one all_sum
-            grads = nn.average_gradients(grads, group=self.group)
-        grads, norm = clip_by_global_norm(grads, self.cfg.grad_clip)
+            acc = nn.average_gradients(tree_map(lambda g: g * prescale, acc), group=self.group)
+            prescale = 1.0
+        grads, norm = clip_by_global_norm(acc, self.cfg.grad_clip, prescale)
         self.optimizer.update(self.model, grads)
         return norm
 
