@@ -4,7 +4,9 @@ Importing this package stays cheap and MLX-free: `mlx_model.config` is shared wi
 twin. `load` and `generate` are imported lazily from `mlx_model.generate`.
 
 On Linux it first loads a fast BLAS (MKL or OpenBLAS) for MLX's CPU backend and makes
-`mx.compile` kernels use AVX2/FMA; this must happen before `mlx.core` is imported: see `_blas`.
+`mx.compile` kernels vectorise (AVX2/FMA, inlined maths); this must happen before `mlx.core` is
+imported: see `_blas`. It also asks MLX for breadth-first graph order (`MLX_BFS_MAX_WIDTH`, unless
+set), which the trainer's CPU lanes need.
 """
 
 import os
