@@ -1,0 +1,390 @@
+"""The worker side of `python -m tools.bench`: one contender per process (see tools/bench.py).
+
+Each worker builds its contender from the shared checkpoint, warms it up, then answers `run`
+(one timed step) and `quit` (final figures: peak memory, tokens, cache bytes) lines on stdin
+with one JSON line each. Also the process-local measurements the coordinator reuses: resident
+memory, which BLAS is mapped, the CPU model, analytic useful FLOPs and cache sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+
+# ------------------------------------------------------------------------------ helpers
+def rss_bytes() -> int:
+    """Current resident set of this process."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def max_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def loaded_blas() -> str:
+    """Which BLAS libraries this process has mapped (MKL, OpenBLAS, MLX's bundled reference)."""
+    found = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                name = os.path.basename(line.split()[-1]) if "/" in line else ""
+                for key in ("libmkl_rt", "libopenblas", "libblas-", "libblas.so", "libtorch_cpu"):
+                    if name.startswith(key) and name not in found:
+                        found.append(name)
+    except OSError:
+        return platform.system()
+    return ", ".join(found) or "none mapped"
+
+
+def blas_label(name: str) -> str:
+    """The BLAS a contender's matmuls use: the library MLX took cblas_sgemm from, or torch's."""
+    parts = []
+    if name != "torch_reference" and "mlx.core" in sys.modules:
+        import mlx.core as mx
+
+        if mx.default_device() == mx.gpu:
+            parts.append("MLX GPU kernels")
+        else:
+            from mlx_model import _blas
+
+            path = _blas.blas_path()
+            threads = os.environ.get("MKL_NUM_THREADS") or os.environ.get("OPENBLAS_NUM_THREADS") or "default"
+            parts.append(f"MLX: {os.path.basename(path)} ({threads} threads)" if path
+                         else "MLX: its bundled reference BLAS (slow)")
+    if "torch" in sys.modules and name in ("torch_reference", "peak"):
+        import torch
+
+        parts.append(f"torch: its own {'MKL' if torch.backends.mkl.is_available() else 'BLAS'}, "
+                     f"{torch.get_num_threads()} threads")
+    return "; ".join(parts) or loaded_blas()
+
+
+def cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def useful_flops_per_token(args: Any, T: int, active_params: int) -> float:
+    """6 * active params + causal attention scores (see the module docstring)."""
+    if args.attention_type == "mla":
+        dqk, dv = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
+    else:
+        dqk = dv = args.head_dim
+    attn = 3 * args.num_hidden_layers * args.num_attention_heads * (dqk + dv) * (T + 1)
+    return 6 * active_params + attn
+
+
+def active_params(weights: dict[str, Any], args: Any) -> int:
+    """Matrix parameters one token uses: all but the embedding; k/E of the routed experts."""
+    n = 0.0
+    for name, w in weights.items():
+        if w.ndim < 2 or "embed_tokens" in name or name.startswith("mtp"):
+            continue
+        size = float(w.size)
+        if ".mlp.experts." in name:
+            size *= args.num_experts_per_tok / args.n_routed_experts
+        n += size
+    return int(n)
+
+
+def cache_bytes_per_token(args: Any, nbytes: int = 4) -> dict[str, int]:
+    """latent: layers * (kv_lora_rank + qk_rope_head_dim) (MLA) or layers * 2 * head_dim (MQA);
+    expanded multi-head: layers * heads * (qk_head_dim + v_head_dim); times dtype bytes."""
+    L, H = args.num_hidden_layers, args.num_attention_heads
+    if args.attention_type == "mla":
+        latent = L * (args.kv_lora_rank + args.qk_rope_head_dim)
+        expanded = L * H * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim)
+    else:
+        latent = L * 2 * args.head_dim
+        expanded = L * H * 2 * args.head_dim
+    return {"latent": latent * nbytes, "expanded": expanded * nbytes}
+
+
+# ------------------------------------------------------------------------------ workers
+def _random_ids(vocab: int, shape: tuple, seed: int):
+    import numpy as np
+
+    return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
+
+
+def _mlx_peak(device_gpu: bool) -> Optional[int]:
+    import mlx.core as mx
+
+    return int(mx.get_peak_memory()) if device_gpu else None
+
+
+class TrainWorker:
+    """Builds one contender from the checkpoint; `run()` times one optimizer step."""
+
+    def __init__(self, name: str, ckpt: str, spec: dict):
+        self.name, self.spec = name, spec
+        B, T, A = spec["batch_size"], spec["seq_len"], spec["accum"]
+        with open(os.path.join(ckpt, "config.json")) as f:
+            self.config = json.load(f)
+        vocab = self.config["vocab_size"]
+        self.ids = [_random_ids(vocab, (B, T + 1), 1000 + m) for m in range(A)]
+        getattr(self, "_build_" + name)(ckpt)
+
+    # ours ---------------------------------------------------------------------------
+    def _build_mlx_model(self, ckpt: str) -> None:
+        import mlx.core as mx
+
+        from mlx_model.checkpoint import load_model
+        from mlx_model.train import Trainer, TrainConfig, pick_dtype
+
+        s = self.spec
+        cfg = TrainConfig(preset=s["preset"], batch_size=s["batch_size"], seq_len=s["seq_len"], accum=s["accum"],
+                          dtype=s["dtype"], max_steps=1000, warmup=10, progress=False, lanes=s.get("lanes", 0))
+        model = load_model(ckpt, dtype=pick_dtype(cfg.dtype))
+        if s.get("dispatch"):
+            for layer in model.layers:
+                if hasattr(layer.mlp, "experts"):
+                    layer.mlp.experts.dispatch = s["dispatch"]
+        model.train()
+        self.trainer = Trainer(cfg, model.args, model)
+        self.batches = [mx.array(b) for b in self.ids]
+        self.gpu = mx.default_device() == mx.gpu
+
+    def _run_mlx_model(self) -> None:
+        self.trainer.step(self.batches)
+
+    # the PyTorch twin ---------------------------------------------------------------
+    def _build_torch_reference(self, ckpt: str) -> None:
+        import numpy as np
+        import torch
+
+        from mlx_model.checkpoint import read_safetensors, stack_experts
+        from mlx_model.config import ModelArgs
+        from torch_reference.loss import loss_terms, make_optimizer, update_bias
+        from torch_reference.model import Model
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        args = ModelArgs.from_dict(self.config)
+        torch.manual_seed(0)
+        self.model = Model(args)
+        w = stack_experts(read_safetensors(Path(ckpt) / "model.safetensors"), lambda xs: np.stack(xs))
+        self.model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in w.items()})
+        self.model.train()
+        self.opt = make_optimizer(self.model, 1e-3)
+        self.loss_terms, self.update_bias = loss_terms, update_bias
+        self.batches = [torch.from_numpy(b.astype(np.int64)) for b in self.ids]
+        self.torch = torch
+        self.gpu = False
+
+    def _run_torch_reference(self) -> None:
+        torch, A = self.torch, len(self.batches)
+        counts = None
+        for b in self.batches:
+            t = self.loss_terms(self.model, b[:, :-1], b[:, 1:])
+            (t.total / A).backward()
+            counts = t.counts if counts is None else counts + t.counts
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if counts is not None and counts.numel():
+            self.update_bias(self.model, counts)
+
+    # mlx-lm ---------------------------------------------------------------------------
+    def _build_mlx_lm(self, ckpt: str) -> None:
+        from functools import partial
+
+        import mlx.core as mx
+        import mlx.nn as nn
+        import mlx.optimizers as optim
+        from mlx.utils import tree_map
+        from mlx_lm.tuner.trainer import default_loss
+        from mlx_lm.utils import load_model
+
+        model, _ = load_model(Path(ckpt))  # sanitize + load_weights (strict)
+        model.train()
+        optimizer = optim.AdamW(learning_rate=1e-3, betas=[0.9, 0.95], weight_decay=0.1)
+        loss_value_and_grad = nn.value_and_grad(model, default_loss)
+        state = [model.state, optimizer.state, mx.random.state]
+        A = self.spec["accum"]
+
+        @partial(mx.compile, inputs=state, outputs=state)  # as mlx_lm.tuner.trainer.train
+        def step(batch, lengths, prev_grad, do_update):
+            (lvalue, toks), grad = loss_value_and_grad(model, batch, lengths)
+            if prev_grad is not None:
+                grad = tree_map(lambda x, y: x + y, grad, prev_grad)
+            if do_update:
+                if A > 1:
+                    grad = tree_map(lambda x: x / A, grad)
+                optimizer.update(model, grad)
+                grad = None
+            return lvalue, toks, grad
+
+        B, T = self.spec["batch_size"], self.spec["seq_len"]
+        self.lengths = mx.array([[0, T]] * B)
+        self.batches = [mx.array(b) for b in self.ids]
+        self.step_fn, self.lm_state, self.mx = step, state, mx
+        self.gpu = mx.default_device() == mx.gpu
+
+    def _run_mlx_lm(self) -> None:
+        grad = None
+        for i, b in enumerate(self.batches):
+            lvalue, toks, grad = self.step_fn(b, self.lengths, grad, i == len(self.batches) - 1)
+            self.mx.eval(lvalue, toks, grad, self.lm_state)
+
+    def run(self) -> None:
+        getattr(self, "_run_" + self.name)()
+
+
+class PeakWorker:
+    """Times a float32 matmul (n x n) with MLX on its default device and, on CPU, with torch."""
+
+    def __init__(self, name: str, ckpt: str, spec: dict, n: int = 2048):
+        import mlx.core as mx
+
+        self.mx, self.n = mx, n
+        self.a, self.b = mx.random.normal((n, n)), mx.random.normal((n, n))
+        mx.eval(self.a, self.b)
+        self.torch = None
+        self.gpu = mx.default_device() == mx.gpu
+        if not self.gpu:
+            import torch
+
+            torch.set_num_threads(os.cpu_count() or 1)
+            self.torch, self.ta, self.tb = torch, torch.randn(n, n), torch.randn(n, n)
+        self.run()
+
+    def run(self) -> dict:
+        mx, reps, out = self.mx, 4, {}
+        t = time.perf_counter()
+        for _ in range(reps):
+            mx.eval(self.a @ self.b)
+        out["mlx"] = 2 * self.n**3 * reps / (time.perf_counter() - t)
+        if self.torch is not None:
+            t = time.perf_counter()
+            for _ in range(reps):
+                self.ta @ self.tb
+            out["torch"] = 2 * self.n**3 * reps / (time.perf_counter() - t)
+        return out
+
+
+class GenerateWorker:
+    """Greedy generation at batch 1 from a fixed random prompt; `run()` returns decode tokens/s."""
+
+    def __init__(self, name: str, ckpt: str, spec: dict):
+        import mlx.core as mx
+
+        self.mx, self.name, self.spec = mx, name, spec
+        with open(os.path.join(ckpt, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+        self.prompt = _random_ids(vocab, (spec["prompt_len"],), 7).tolist()
+        self.gpu = mx.default_device() == mx.gpu
+        if name == "mlx_model":
+            from mlx_model.checkpoint import load_model
+
+            self.model = load_model(ckpt)
+        else:
+            from mlx_lm.utils import load_model
+
+            self.model, _ = load_model(Path(ckpt))
+            self.tokenizer = _word_tokenizer(vocab)
+        self.model.eval()
+        self.tokens: list[int] = []
+        self.cache_bytes = 0
+
+    def run(self) -> dict:
+        n = self.spec["new_tokens"]
+        if self.name == "mlx_model":
+            from mlx_model.generate import Stats, decode
+            from mlx_model.sampling import SamplingParams
+
+            stats = Stats()
+            params = SamplingParams(max_tokens=n, temperature=0.0, top_p=1.0)
+            self.tokens = [t[0] for t in decode(self.model, [self.prompt], params, stats)]
+            self.cache_bytes = stats.cache_bytes_per_token
+            return {"tokens_per_s": stats.generated_tokens / stats.generate_time}
+        from mlx_lm.generate import stream_generate
+        from mlx_lm.models.cache import make_prompt_cache
+
+        mx = self.mx
+        cache = make_prompt_cache(self.model)
+        last, toks = None, []
+        for r in stream_generate(self.model, self.tokenizer, mx.array(self.prompt), max_tokens=n,
+                                 sampler=lambda logp: mx.argmax(logp, axis=-1), prompt_cache=cache):
+            last = r
+            toks.append(int(r.token))
+        self.tokens = toks
+        # bytes per cached position (their buffers grow in steps: count one position's worth)
+        self.cache_bytes = sum(a.nbytes // a.shape[2] for c in cache for a in (c.keys, c.values) if a is not None)
+        return {"tokens_per_s": last.generation_tps}
+
+
+def _word_tokenizer(vocab: int) -> Any:
+    """A real Hugging Face tokenizer over the ids ("t0".."t{V-1}", word-level, no eos), so
+    mlx-lm's stream_generate detokenizes as usual and never stops early."""
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tk))
+
+
+def worker_main(kind: str, name: str, ckpt: str, spec_json: str) -> None:
+    """A contender's process: build, warm up, then answer `run` / `quit` lines on stdin."""
+    if name != "torch_reference":
+        from mlx_model import _blas
+
+        _blas.ensure_fast_blas()
+        if hasattr(_blas, "ensure_native_codegen"):
+            _blas.ensure_native_codegen()
+    spec = json.loads(spec_json)
+    import importlib
+
+    # Import each contender's libraries before the memory baseline: they are not its footprint.
+    for mod in {"torch_reference": ["torch", "torch_reference.loss"], "peak": ["torch", "mlx.core"],
+                "mlx_model": ["mlx.core", "mlx_model.train", "mlx_model.generate"],
+                "mlx_lm": ["mlx.core", "mlx_lm.utils", "mlx_lm.generate", "mlx_lm.tuner.trainer"]}[name]:
+        importlib.import_module(mod)
+    base = rss_bytes()
+    cls = PeakWorker if name == "peak" else (TrainWorker if kind == "train" else GenerateWorker)
+    t = time.perf_counter()
+    w = cls(name, ckpt, spec)
+    for _ in range(spec.get("warmup", 2) if name != "peak" else 0):
+        w.run()
+    out = sys.stdout
+    label = blas_label(name)
+    lanes = getattr(getattr(w, "trainer", None), "lanes", 1)
+    if lanes > 1:
+        label += f" (training: {lanes} CPU lanes, {max(1, (os.cpu_count() or 1) // lanes)} BLAS thread(s) each)"
+    out.write(json.dumps({"ready": time.perf_counter() - t, "blas": label}) + "\n")
+    out.flush()
+    for line in sys.stdin:
+        if line.strip() == "run":
+            t = time.perf_counter()
+            res = w.run() or {}
+            res["seconds"] = time.perf_counter() - t
+            out.write(json.dumps(res) + "\n")
+        else:
+            gpu_peak = _mlx_peak(True) if getattr(w, "gpu", False) else None
+            final = {"peak_memory_bytes": gpu_peak if gpu_peak else max_rss_bytes() - base,
+                     "tokens": getattr(w, "tokens", [])[:64], "cache_bytes": getattr(w, "cache_bytes", 0)}
+            out.write(json.dumps(final) + "\n")
+            out.flush()
+            return
+        out.flush()
