@@ -32,6 +32,7 @@ from mlx_model.model import Model
 
 # the module: the package attribute `mlx_model.generate` is the generate() function
 G = importlib.import_module("mlx_model.generate")
+D = importlib.import_module("mlx_model.decoding")
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["mla", "mqa"]
 
@@ -104,7 +105,7 @@ def test_prefill_plus_cached_steps_equal_full_forward(models, kind):
     pad = mx.zeros((2,), mx.int32)
     for t in range(5, 12):
         parts.append(model(ids[:, t : t + 1], cache=cache))
-        mask = G.decode_mask(static[0].offset, pad, 16)
+        mask = D.decode_mask(static[0].offset, pad, 16)
         parts_static.append(model(ids[:, t : t + 1], cache=static, mask=mask))
         for c in static:
             c.offset = c.offset + 1
@@ -122,12 +123,12 @@ def test_left_padded_prefill_and_decode_equal_unpadded(models, kind):
     x = mx.concatenate([mx.full((1, pad_n), 7), ids[:, :6]], 1)
     pad = mx.array([pad_n])
     cache = make_cache(model.args)
-    pre = model(x, cache=cache, mask=G.prefill_mask(x.shape[1], pad))[:, pad_n:]
+    pre = model(x, cache=cache, mask=D.prefill_mask(x.shape[1], pad))[:, pad_n:]
     static = [StaticKVCache.from_cache(c, 20) for c in cache]
     steps = []
     for t in range(6, 10):
         steps.append(
-            model(ids[:, t : t + 1], cache=static, mask=G.decode_mask(static[0].offset, pad, 20))
+            model(ids[:, t : t + 1], cache=static, mask=D.decode_mask(static[0].offset, pad, 20))
         )
         for c in static:
             c.offset = c.offset + 1
@@ -143,7 +144,7 @@ def test_absorbed_mla_equals_naive(models):
     close(
         attn.absorbed(q_nope, q_rope, latent, k_rope, None), naive, 1e-5, "absorbed vs naive, L=1"
     )
-    mask = G.prefill_mask(9, None)
+    mask = D.prefill_mask(9, None)
     full = attn.project(x, 0)
     close(
         attn.absorbed(*full, mask), attn.naive(*full, mask), 1e-5, "absorbed vs naive, causal L=9"
