@@ -401,10 +401,10 @@ def ensure_native_codegen() -> Optional[str]:
     key = hashlib.sha1((gxx + repr(JIT_FLAGS + VECTORIZE_FLAGS) + _PREAMBLE_TEXT).encode()).hexdigest()[:12]
     for root in _cache_root():
         d = os.path.join(root, f"jit-cxx-{key}")
-        flags = " ".join(JIT_FLAGS + VECTORIZE_FLAGS + ("-include", os.path.join(d, PREAMBLE)))
+        flags = JIT_FLAGS + VECTORIZE_FLAGS + ("-include", os.path.join(d, PREAMBLE))
         files = {
             PREAMBLE: _PREAMBLE_TEXT,
-            "g++": _WRAPPER.format(gxx=shlex.quote(gxx), flags=" ".join(map(shlex.quote, flags.split()))),
+            "g++": _WRAPPER.format(gxx=shlex.quote(gxx), flags=" ".join(map(shlex.quote, flags))),
         }
         try:
             for name, text in files.items():  # the preamble first: the script refers to it
