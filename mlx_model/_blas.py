@@ -30,6 +30,7 @@ ENV_CODEGEN = "MLX_MODEL_NATIVE_CODEGEN"
 
 _blas_done = False
 _blas_path: Optional[str] = None
+_blas_lib = None  # its ctypes handle, for set_blas_threads
 _handles: list = []  # keep the CDLL objects alive for the life of the process
 
 _MKL_THREADING_SEQUENTIAL, _MKL_THREADING_GNU = 1, 3
@@ -244,11 +245,14 @@ def blas_path() -> Optional[str]:
 def set_blas_threads(n: int) -> Optional[int]:
     """Set the loaded BLAS's thread count (MKL or OpenBLAS); return the previous one, or None
     when there is no library of ours to tell (then nothing changes)."""
+    global _blas_lib
     import ctypes
 
     if not _blas_path:
         return None
-    lib = ctypes.CDLL(_blas_path)
+    if _blas_lib is None:  # the library is loaded already: this only looks it up, once
+        _blas_lib = ctypes.CDLL(_blas_path)
+    lib = _blas_lib
     if hasattr(lib, "MKL_Get_Max_Threads"):
         prev = lib.MKL_Get_Max_Threads()
         lib.MKL_Set_Num_Threads(ctypes.c_int(n))

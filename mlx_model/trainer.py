@@ -15,7 +15,6 @@ Each lane sums its own gradients; the lanes' sums are added before the update.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -66,12 +65,14 @@ class Trainer:
         self.world = group.size() if group is not None else 1
         self.schedule = make_schedule(cfg.lr, cfg.warmup, cfg.max_steps, cfg.schedule, cfg.min_lr_ratio,
                                       cfg.decay_fraction)
-        lanes = getattr(cfg, "lanes", 1) or auto_lanes(cfg.batch_size, cfg.accum)
+        lanes = cfg.lanes or auto_lanes(cfg.batch_size, cfg.accum)
         if lanes > 1 and cfg.accum % lanes and cfg.batch_size % lanes:
             raise ValueError(f"lanes {lanes} divides neither accum {cfg.accum} nor batch_size {cfg.batch_size}")
         self.lanes = lanes
         self.units = cfg.accum * (1 if cfg.accum % lanes == 0 else lanes)  # gradient units per step
-        self.streams = [mx.new_stream(mx.cpu) for _ in range(lanes)] if lanes > 1 else [None]
+        self.streams = ([mx.new_stream(mx.cpu) for _ in range(lanes)] if lanes > 1
+                        else [mx.default_stream(mx.default_device())])
+        self.lane_blas_threads = max(1, (os.cpu_count() or 1) // lanes)  # BLAS threads while lanes run
         self.optimizer = make_optimizer(self.schedule, cfg.weight_decay)
         self.optimizer.init(model.trainable_parameters())
         if optimizer_state is not None:  # before compiling: the compiled steps capture this state
@@ -122,13 +123,13 @@ class Trainer:
         work = lane_units(batches, self.lanes)
         accs: list = [None] * self.lanes
         sums, counts, dropped = mx.zeros((4,)), None, mx.array(0)
-        threads = set_blas_threads(max(1, (os.cpu_count() or 1) // self.lanes)) if self.lanes > 1 else None
+        threads = set_blas_threads(self.lane_blas_threads) if self.lanes > 1 else None
         try:
             for i in range(len(work[0])):
                 terms = []
                 for j, stream in enumerate(self.streams):  # queue every lane's unit, then run them together
                     first, more = self.micro_fns[j]
-                    with mx.stream(stream) if stream is not None else contextlib.nullcontext():
+                    with mx.stream(stream):
                         accs[j], t = first(params, work[j][i]) if accs[j] is None else more(params, work[j][i], accs[j])
                     self.model.update(params)  # a trace leaves its placeholders in the model: put the arrays back
                     terms.append(t)

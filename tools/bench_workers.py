@@ -369,9 +369,9 @@ def worker_main(kind: str, name: str, ckpt: str, spec_json: str) -> None:
         w.run()
     out = sys.stdout
     label = blas_label(name)
-    lanes = getattr(getattr(w, "trainer", None), "lanes", 1)
-    if lanes > 1:
-        label += f" (training: {lanes} CPU lanes, {max(1, (os.cpu_count() or 1) // lanes)} BLAS thread(s) each)"
+    trainer = getattr(w, "trainer", None)
+    if trainer is not None and trainer.lanes > 1:
+        label += f" (training: {trainer.lanes} CPU lanes, {trainer.lane_blas_threads} BLAS thread(s) each)"
     out.write(json.dumps({"ready": time.perf_counter() - t, "blas": label}) + "\n")
     out.flush()
     for line in sys.stdin:
