@@ -1,4 +1,4 @@
-"""Shared helpers for the parity tests: tiny configs, seeding, error measures, twin pairs.
+"""Shared test helpers (parity_tests/ and tests/): tiny configs, seeding, error measures, twin pairs.
 
 Reference: the PyTorch twin in float64 on the CPU; subject: the MLX model in float32. The MLX
 weights are copied from the twin with tools.convert's functions, so the converter is tested too.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from any directory
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from any directory
 
 import mlx_model  # noqa: E402,F401  (first: loads a fast BLAS before mlx.core is imported)
 
