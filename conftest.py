@@ -11,7 +11,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from any directory
 
-import mlx_model  # noqa: E402,F401  (first: loads a fast BLAS before mlx.core is imported)
+import mlx_model  # noqa: E402,F401  # isort: skip  (first: loads a fast BLAS before mlx.core)
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402

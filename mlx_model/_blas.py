@@ -23,13 +23,13 @@ import glob
 import os
 import platform
 import sys
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 ENV_BLAS = "MLX_MODEL_BLAS"
 ENV_CODEGEN = "MLX_MODEL_NATIVE_CODEGEN"
 
 _blas_done = False
-_blas_path: Optional[str] = None
+_blas_path: str | None = None
 _blas_lib = None  # its ctypes handle, for set_blas_threads
 _handles: list = []  # keep the CDLL objects alive for the life of the process
 
@@ -111,7 +111,7 @@ def _cpu_flags() -> set:
     return set()
 
 
-def _openblas_coretype() -> Optional[str]:
+def _openblas_coretype() -> str | None:
     """An OPENBLAS_CORETYPE for this CPU, for when the user set none.
 
     OpenBLAS picks its kernels by CPU model when it is loaded; a version older than the CPU (Debian
@@ -129,7 +129,7 @@ def _openblas_coretype() -> Optional[str]:
     return None
 
 
-def _find_iomp(mkl_dir: str) -> Optional[str]:
+def _find_iomp(mkl_dir: str) -> str | None:
     """Intel's OpenMP runtime, which MKL's default threading layer needs (`intel-openmp` wheel)."""
     p = os.path.join(mkl_dir, "libiomp5.so")
     if os.path.exists(p):
@@ -146,7 +146,7 @@ def _find_iomp(mkl_dir: str) -> Optional[str]:
     return None
 
 
-def _load(path: str, *, what: str = "") -> Optional[str]:
+def _load(path: str, *, what: str = "") -> str | None:
     """Load `path` globally if it exports cblas_sgemm; return the path or None."""
     import ctypes
 
@@ -194,7 +194,7 @@ def _load(path: str, *, what: str = "") -> Optional[str]:
             os.environ.pop(k, None)
 
 
-def ensure_fast_blas() -> Optional[str]:
+def ensure_fast_blas() -> str | None:
     """Load the best CBLAS found before MLX is imported; return its path, or None.
 
     Idempotent and cheap (a few file checks, one dlopen). Does nothing off Linux (macOS uses
@@ -237,12 +237,12 @@ def ensure_fast_blas() -> Optional[str]:
     return None
 
 
-def blas_path() -> Optional[str]:
+def blas_path() -> str | None:
     """The library `ensure_fast_blas` loaded, if any."""
     return _blas_path
 
 
-def set_blas_threads(n: int) -> Optional[int]:
+def set_blas_threads(n: int) -> int | None:
     """Set the loaded BLAS's thread count (MKL or OpenBLAS); return the previous one, or None
     when there is no library of ours to tell (then nothing changes)."""
     global _blas_lib
@@ -276,8 +276,10 @@ JIT_FLAGS = ("-mavx2", "-mfma", "-mf16c")
 VECTORIZE_FLAGS = (
     "-fno-trapping-math",
     "-ffp-contract=off",
-    "--param", "max-inline-insns-single=2000",
-    "--param", "max-inline-insns-auto=2000",
+    "--param",
+    "max-inline-insns-single=2000",
+    "--param",
+    "max-inline-insns-auto=2000",
 )
 PREAMBLE = "mlx_model_preamble.h"
 _PREAMBLE_TEXT = """// Written by mlx_model._blas.ensure_native_codegen; force-included (g++ -include) before
@@ -291,7 +293,7 @@ _PREAMBLE_TEXT = """// Written by mlx_model._blas.ensure_native_codegen; force-i
 """
 CACHE_STAMP = ".mlx_model-codegen"
 _codegen_done = False
-_codegen_dir: Optional[str] = None
+_codegen_dir: str | None = None
 
 _WRAPPER = """#!/bin/sh
 # Written by mlx_model._blas.ensure_native_codegen. MLX JIT-compiles mx.compile kernels with
@@ -354,7 +356,7 @@ def _refresh_kernel_cache(key: str) -> None:
             pass  # someone else's cache: its kernels still compute the same numbers, only slower
 
 
-def ensure_native_codegen() -> Optional[str]:
+def ensure_native_codegen() -> str | None:
     """Make MLX's CPU `mx.compile` kernels fast; return the wrapper folder, or None.
 
     MLX 0.32.4 compiles fused elementwise kernels with a plain `g++ -O3`: baseline x86-64 (SSE2,
@@ -402,7 +404,9 @@ def ensure_native_codegen() -> Optional[str]:
     gxx = shutil.which("g++", path=os.pathsep.join(dirs))
     if not gxx:
         return None  # no compiler: MLX runs mx.compile graphs uncompiled anyway
-    key = hashlib.sha1((gxx + repr(JIT_FLAGS + VECTORIZE_FLAGS) + _PREAMBLE_TEXT).encode()).hexdigest()[:12]
+    key = hashlib.sha1(
+        (gxx + repr(JIT_FLAGS + VECTORIZE_FLAGS) + _PREAMBLE_TEXT).encode()
+    ).hexdigest()[:12]
     for root in _cache_root():
         d = os.path.join(root, f"jit-cxx-{key}")
         flags = JIT_FLAGS + VECTORIZE_FLAGS + ("-include", os.path.join(d, PREAMBLE))

@@ -10,7 +10,7 @@ MLA (SPEC section 3). Shapes: B batch, L new tokens, S cached + new tokens, H he
 
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -18,7 +18,7 @@ import mlx.nn as nn
 from .config import ModelArgs
 from .layers import apply_rope
 
-Mask = Union[None, str, mx.array]
+Mask = None | str | mx.array
 
 
 def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
@@ -115,7 +115,7 @@ class MLA(nn.Module):
         out = sdpa(q, k, latent, self.scale, mask)  # [B, H, L, r]
         return out @ w_uv.swapaxes(-1, -2)  # [B, H, L, d_v]
 
-    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Optional[Any] = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any | None = None) -> mx.array:
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
         q_nope, q_rope, latent, k_rope = self.project(x, offset)
@@ -139,7 +139,7 @@ class MQA(nn.Module):
         self.v_proj = nn.Linear(D, hd, bias=False)
         self.o_proj = nn.Linear(H * hd, D, bias=False)
 
-    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Optional[Any] = None) -> mx.array:
+    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any | None = None) -> mx.array:
         a = self.args
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0

@@ -10,8 +10,6 @@ Beams are batch rows: `reorder(rows)` picks and repeats rows after each beam-sea
 
 from __future__ import annotations
 
-from typing import Optional
-
 import mlx.core as mx
 
 from .config import ModelArgs
@@ -23,8 +21,8 @@ class KVCache:
     step = 256
 
     def __init__(self) -> None:
-        self.a: Optional[mx.array] = None
-        self.b: Optional[mx.array] = None
+        self.a: mx.array | None = None
+        self.b: mx.array | None = None
         self.offset = 0
 
     def update_and_fetch(self, a: mx.array, b: mx.array) -> tuple[mx.array, mx.array]:
@@ -78,7 +76,7 @@ class StaticKVCache:
         self.a, self.b, self.offset = a, b, offset
 
     @classmethod
-    def from_cache(cls, cache: KVCache, capacity: int) -> "StaticKVCache":
+    def from_cache(cls, cache: KVCache, capacity: int) -> StaticKVCache:
         """Copy a filled KVCache into buffers of `capacity` tokens."""
         n = cache.offset
         pad = [(0, 0), (0, 0), (0, capacity - n), (0, 0)]

@@ -20,8 +20,9 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 
@@ -86,10 +87,14 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
             tmp.unlink()
 
 
-def save_numpy_safetensors(path: Path, tensors: dict[str, np.ndarray], metadata: Optional[dict] = None) -> None:
+def save_numpy_safetensors(
+    path: Path, tensors: dict[str, np.ndarray], metadata: dict | None = None
+) -> None:
     from safetensors.numpy import save_file
 
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})}))
+    atomic_write(
+        path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", **(metadata or {})})
+    )
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -106,13 +111,17 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
 
         return {k: v for k, v in mx.load(str(path)).items()}  # type: ignore[misc]
     except Exception as e:  # truncated or not a safetensors file
-        raise CheckpointError(f"cannot read {path}: {e}; the file is damaged, re-save or re-download it") from None
+        raise CheckpointError(
+            f"cannot read {path}: {e}; the file is damaged, re-save or re-download it"
+        ) from None
 
 
 def require_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.is_dir():
-        raise CheckpointError(f"{p} is not a directory: pass a checkpoint directory written by mlx_model.train")
+        raise CheckpointError(
+            f"{p} is not a directory: pass a checkpoint directory written by mlx_model.train"
+        )
     if not (p / "config.json").is_file():
         raise CheckpointError(f"{p} has no config.json: it is not a checkpoint directory")
     return p
@@ -176,10 +185,14 @@ def check_shapes(expected: dict[str, tuple], got: dict[str, Any], where: str) ->
     """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
     for k in sorted(expected):
         if k not in got:
-            raise CheckpointError(f"{where}: missing weight {k}; the checkpoint does not match its config.json")
+            raise CheckpointError(
+                f"{where}: missing weight {k}; the checkpoint does not match its config.json"
+            )
     for k in sorted(got):
         if k not in expected:
-            raise CheckpointError(f"{where}: unexpected weight {k}; the checkpoint does not match its config.json")
+            raise CheckpointError(
+                f"{where}: unexpected weight {k}; the checkpoint does not match its config.json"
+            )
         if tuple(got[k].shape) != tuple(expected[k]):
             raise CheckpointError(
                 f"{where}: weight {k} has shape {tuple(got[k].shape)}, config.json implies {tuple(expected[k])}"
@@ -211,12 +224,16 @@ def load_model(path: str | Path, dtype: Any = None) -> Any:
     except CheckpointError as e:
         raise CheckpointError(f"{p}: {e}") from None
     if args.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in weights):
-        args = args.replace(num_nextn_predict_layers=0)  # MTP modules not shipped: not needed to decode
+        args = args.replace(
+            num_nextn_predict_layers=0
+        )  # MTP modules not shipped: not needed to decode
     model = Model(args)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     check_shapes(expected, weights, str(p))
     if dtype is not None:  # the routing bias stays float32 (SPEC section 4)
-        weights = {k: v if "e_score_correction_bias" in k else v.astype(dtype) for k, v in weights.items()}
+        weights = {
+            k: v if "e_score_correction_bias" in k else v.astype(dtype) for k, v in weights.items()
+        }
     bias = "e_score_correction_bias"  # float32 whatever the file holds (transformers: a buffer)
     weights = {k: v.astype(mx.float32) if bias in k else v for k, v in weights.items()}
     model.load_weights(list(weights.items()), strict=True)

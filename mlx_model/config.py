@@ -12,7 +12,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -67,7 +67,7 @@ class ModelArgs:
     num_hidden_layers: int = 4
     num_attention_heads: int = 4
     num_key_value_heads: int = 4
-    q_lora_rank: Optional[int] = None
+    q_lora_rank: int | None = None
     kv_lora_rank: int = 64
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
@@ -89,11 +89,11 @@ class ModelArgs:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 512
     rope_theta: float = 10000.0
-    rope_scaling: Optional[dict] = None
+    rope_scaling: dict | None = None
     rope_interleave: bool = True
     num_nextn_predict_layers: int = 0
-    bos_token_id: Optional[int] = None
-    eos_token_id: Optional[int] = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
     # --- our own keys (ignored by mlx-lm and transformers) ---
     attention_type: str = "mla"
     norm_type: str = "rmsnorm"
@@ -143,7 +143,7 @@ class ModelArgs:
             per_layer = 2 * self.head_dim
         return self.num_hidden_layers * per_layer
 
-    def hf_incompatibility(self) -> Optional[str]:
+    def hf_incompatibility(self) -> str | None:
         """Why this config has no Hugging Face `deepseek_v3` form, or None if it has one."""
         reasons = []
         if self.attention_type != "mla":
@@ -170,7 +170,7 @@ class ModelArgs:
         return "; ".join(reasons) or None
 
     # --------------------------------------------------------------- validation
-    def validate(self) -> "ModelArgs":
+    def validate(self) -> ModelArgs:
         """Raise ConfigError (one line) on the first invalid value; return self."""
 
         def bad(key: str, why: str) -> None:
@@ -220,7 +220,10 @@ class ModelArgs:
             bad("n_shared_experts", "must be >= 0")
         if self.n_routed_experts > 0:
             if self.num_experts_per_tok > self.n_routed_experts:
-                bad("num_experts_per_tok", f"top-k must be <= n_routed_experts ({self.n_routed_experts})")
+                bad(
+                    "num_experts_per_tok",
+                    f"top-k must be <= n_routed_experts ({self.n_routed_experts})",
+                )
             if self.n_routed_experts % self.n_group:
                 bad("n_group", f"must divide n_routed_experts ({self.n_routed_experts})")
             if self.topk_group > self.n_group:
@@ -263,15 +266,23 @@ class ModelArgs:
 
     # ------------------------------------------------------------ serialisation
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelArgs":
+    def from_dict(cls, d: dict[str, Any]) -> ModelArgs:
         """Build from a config dict (our config.json or a Hugging Face one); unknown keys ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         if kw.get("model_type") == OWN_MODEL_TYPE:
-            kw["model_type"] = HF_MODEL_TYPE  # same model; the name only makes other tools refuse it
+            kw["model_type"] = (
+                HF_MODEL_TYPE  # same model; the name only makes other tools refuse it
+            )
         # transformers allows null for these and reads null as the neutral value
-        neutral_values = {"n_routed_experts": 0, "n_shared_experts": 0, "n_group": 1, "topk_group": 1,
-                          "first_k_dense_replace": 0, "norm_topk_prob": False}
+        neutral_values = {
+            "n_routed_experts": 0,
+            "n_shared_experts": 0,
+            "n_group": 1,
+            "topk_group": 1,
+            "first_k_dense_replace": 0,
+            "norm_topk_prob": False,
+        }
         for key, neutral in neutral_values.items():
             if key in kw and kw[key] is None:
                 kw[key] = neutral
@@ -279,8 +290,13 @@ class ModelArgs:
         rp = d.get("rope_parameters") or {}
         if d.get("rope_theta") is None and "rope_theta" in rp:
             kw["rope_theta"] = rp["rope_theta"]
-        if d.get("rope_scaling") is None and rp.get("rope_type", "default") not in ("default", None):
-            kw["rope_scaling"] = {("type" if k == "rope_type" else k): v for k, v in rp.items() if k != "rope_theta"}
+        if d.get("rope_scaling") is None and rp.get("rope_type", "default") not in (
+            "default",
+            None,
+        ):
+            kw["rope_scaling"] = {
+                ("type" if k == "rope_type" else k): v for k, v in rp.items() if k != "rope_theta"
+            }
         rs = kw.get("rope_scaling")
         if isinstance(rs, dict) and rs.get("type", rs.get("rope_type")) == "default":
             kw["rope_scaling"] = None  # {"type": "default"} means no scaling
@@ -317,10 +333,10 @@ class ModelArgs:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "ModelArgs":
+    def load(cls, path: str | Path) -> ModelArgs:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
-    def replace(self, **kw: Any) -> "ModelArgs":
+    def replace(self, **kw: Any) -> ModelArgs:
         return dataclasses.replace(self, **kw)
 
 

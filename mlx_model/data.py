@@ -71,7 +71,9 @@ def _read_jsonl(path: Path, text: str, text_field: str) -> list[str]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: invalid JSON ({e.msg}): write one JSON object per line")
+            raise DataError(
+                f"{where}: invalid JSON ({e.msg}): write one JSON object per line"
+            ) from None
         if not isinstance(obj, dict):
             raise DataError(f"{where}: not a JSON object: write one JSON object per line")
         if text_field not in obj:
@@ -94,7 +96,7 @@ def _read_file(path: Path, explicit: bool, text_field: str) -> list[str]:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         msg = f"{path} is not UTF-8 (bad byte at offset {e.start})"
-        raise DataError(f"{msg}: convert it to UTF-8 or remove it from --data")
+        raise DataError(f"{msg}: convert it to UTF-8 or remove it from --data") from None
     if path.suffix == ".jsonl":
         return _read_jsonl(path, text, text_field)
     return [text]
@@ -201,7 +203,7 @@ class Tokenizer:
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str) -> "Tokenizer":
+    def load(cls, path: str) -> Tokenizer:
         """Load a tokenizer.json, a sentencepiece .model, or a directory holding either."""
         p = Path(path)
         if p.is_dir():
@@ -215,7 +217,7 @@ class Tokenizer:
                 return cls(spm.SentencePieceProcessor(model_file=str(p)))
             backend = HFTokenizer.from_file(str(p))
         except Exception as e:  # both libraries raise their own error types
-            raise DataError(f"cannot read tokenizer {p} ({type(e).__name__}: {e}): {fix}")
+            raise DataError(f"cannot read tokenizer {p} ({type(e).__name__}: {e}): {fix}") from None
         config_file = p.parent / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         names = [config.get(k) for k in ("eos_token", "bos_token", "pad_token")]
@@ -242,7 +244,9 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
     # Our own `encode` passes add_special_tokens=False.
     eos = bpe.token_to_id(EOS_TOKEN)
     bpe.post_processor = processors.TemplateProcessing(
-        single=f"{EOS_TOKEN} $A", pair=f"{EOS_TOKEN} $A {EOS_TOKEN} $B", special_tokens=[(EOS_TOKEN, eos)]
+        single=f"{EOS_TOKEN} $A",
+        pair=f"{EOS_TOKEN} $A {EOS_TOKEN} $B",
+        special_tokens=[(EOS_TOKEN, eos)],
     )
     return Tokenizer(bpe, EOS_TOKEN, EOS_TOKEN, EOS_TOKEN)
 

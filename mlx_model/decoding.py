@@ -11,8 +11,9 @@ Text, stop strings, beam search and the CLI are in mlx_model/generate.py.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any
 
 import mlx.core as mx
 
@@ -43,7 +44,7 @@ class Stats:
 
 
 # ------------------------------------------------------------------------------ masks
-def prefill_mask(T: int, pad: Optional[mx.array]) -> Any:
+def prefill_mask(T: int, pad: mx.array | None) -> Any:
     """Causal mask hiding left padding (pad queries see themselves, so no row is empty)."""
     return attention_mask(T, 0, pad)
 
@@ -59,9 +60,9 @@ def decode(
     model: Any,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
-    stats: Optional[Stats] = None,
+    stats: Stats | None = None,
     compiled: bool = True,
-    unpenalised: Optional[int] = None,
+    unpenalised: int | None = None,
 ) -> Iterator[list[int]]:
     """Yield the next token of every prompt (a list of B ids) for up to params.max_tokens steps.
 
@@ -95,7 +96,9 @@ def decode(
     stats.cache_numbers_per_token = sum(c.numbers_per_token() for c in cache)
     stats.cache_bytes_per_token = sum(c.nbytes_per_token() for c in cache)
 
-    capacity = -(-(T + params.max_tokens) // 256) * 256  # whole 256s: fewer distinct shapes to trace
+    capacity = (
+        -(-(T + params.max_tokens) // 256) * 256
+    )  # whole 256s: fewer distinct shapes to trace
     state = [s for c in cache for s in StaticKVCache.from_cache(c, capacity).state]
     step = cached_step(model, params, sampler, len(cache), counts is not None, compiled)
     offset = mx.array(T, mx.int32)
@@ -125,8 +128,14 @@ class _StepCache:
         self.steps: dict[str, tuple[tuple, Callable]] = {}
 
 
-def cached_step(model: Any, params: SamplingParams, sampler: Callable, n_layers: int, penalised: bool,
-                compiled: bool = True) -> Callable:
+def cached_step(
+    model: Any,
+    params: SamplingParams,
+    sampler: Callable,
+    n_layers: int,
+    penalised: bool,
+    compiled: bool = True,
+) -> Callable:
     """make_step, reused by later calls with the same model and sampler settings.
 
     Each mx.compile'd function object is traced on its first call (~0.5 s for a small model,

@@ -37,7 +37,12 @@ class Watchdog:
     FIRST_STEP_GRACE = 900.0
 
     def __init__(self, rank: int, world: int, timeout: float, out: Path, last_checkpoint: str):
-        self.rank, self.timeout, self.out, self.last_checkpoint = rank, timeout, out, last_checkpoint
+        self.rank, self.timeout, self.out, self.last_checkpoint = (
+            rank,
+            timeout,
+            out,
+            last_checkpoint,
+        )
         self.lock, self.active, self.beat = threading.Lock(), world > 1, time.monotonic()
         # The first step also compiles the step functions (on a CPU with a cold kernel cache,
         # minutes of g++): until it completes, allow at least FIRST_STEP_GRACE seconds. A peer
@@ -62,8 +67,11 @@ class Watchdog:
     def fail(self, why: str) -> None:
         """Print the error line and end the process with status 2 (once, after any checkpoint write)."""
         with self.lock:
-            print(f"\nerror: rank {self.rank}: {why}; last checkpoint: {self.last_checkpoint}", file=sys.stderr,
-                  flush=True)
+            print(
+                f"\nerror: rank {self.rank}: {why}; last checkpoint: {self.last_checkpoint}",
+                file=sys.stderr,
+                flush=True,
+            )
             os._exit(2)
 
     def close(self) -> None:
@@ -80,11 +88,15 @@ class Watchdog:
             if not self.active:
                 break
             if term:
-                self.fail("stopped by the launcher (SIGTERM), usually because another rank died or failed (see the "
-                          "launcher's [WARN] lines)")
+                self.fail(
+                    "stopped by the launcher (SIGTERM), usually because another rank died or failed (see the "
+                    "launcher's [WARN] lines)"
+                )
             if time.monotonic() - self.beat > self.limit:
-                self.fail(f"no progress from the other ranks for {self.limit:g} s (a rank died, hangs or "
-                          "cannot connect; raise --dist-timeout if steps are that slow)")
+                self.fail(
+                    f"no progress from the other ranks for {self.limit:g} s (a rank died, hangs or "
+                    "cannot connect; raise --dist-timeout if steps are that slow)"
+                )
         os.close(self._r)
         os.close(self._w)
 
@@ -108,14 +120,22 @@ def init_group(timeout: float) -> Any:
     rank = os.environ.get("MLX_RANK")
     guard = None
     if rank is not None:
-        why = (f"error: rank {rank}: no connection to the other ranks after {timeout:g} s (a rank died or cannot "
-               "connect: check the hostfile's ips and the firewall)")
-        guard = subprocess.Popen([sys.executable, "-c", _INIT_GUARD, str(timeout), why], stdin=subprocess.DEVNULL)
+        why = (
+            f"error: rank {rank}: no connection to the other ranks after {timeout:g} s (a rank died or cannot "
+            "connect: check the hostfile's ips and the firewall)"
+        )
+        guard = subprocess.Popen(
+            [sys.executable, "-c", _INIT_GUARD, str(timeout), why], stdin=subprocess.DEVNULL
+        )
     try:
         return mx.distributed.init()
-    except RuntimeError as e:  # ring: a rank that cannot reach the next one gives up after about 30 s
-        raise DistributedError(f"rank {rank or '?'}: cannot connect to the other ranks ({e}): check the hostfile's ips, "
-                         "the firewall, and that every host started") from None
+    except (
+        RuntimeError
+    ) as e:  # ring: a rank that cannot reach the next one gives up after about 30 s
+        raise DistributedError(
+            f"rank {rank or '?'}: cannot connect to the other ranks ({e}): check the hostfile's ips, "
+            "the firewall, and that every host started"
+        ) from None
     finally:
         if guard is not None:
             guard.kill()
@@ -129,5 +149,7 @@ def all_sum_or_fail(group: Any, x: mx.array, what: str) -> mx.array:
         mx.eval(y)
         return y
     except RuntimeError as e:
-        raise DistributedError(f"rank {group.rank()}: lost the connection to the other ranks {what} ({e}): "
-                         "a rank died or cannot connect") from None
+        raise DistributedError(
+            f"rank {group.rank()}: lost the connection to the other ranks {what} ({e}): "
+            "a rank died or cannot connect"
+        ) from None

@@ -10,26 +10,29 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from typing import Optional
-
-import mlx_model  # noqa: F401  (loads a fast BLAS before MLX)
 
 import numpy as np
+
+import mlx_model  # noqa: F401  (loads a fast BLAS before MLX)
 
 from .checkpoint import CheckpointError, load_model, require_dir
 from .data import DataError, Tokenizer, eval_batches, load_texts
 from .loss import summed_cross_entropy
 
 
-def evaluate(model, ids: np.ndarray, seq_len: int, batch_size: int = 8, max_batches: int = 10**9) -> dict:
+def evaluate(
+    model, ids: np.ndarray, seq_len: int, batch_size: int = 8, max_batches: int = 10**9
+) -> dict:
     """Token-weighted mean CE over consecutive windows of `ids`; returns ce, ppl, tokens."""
     total, n = summed_cross_entropy(model, eval_batches(ids, batch_size, seq_len, max_batches))
     total = total.item()
     return {"ce": total / n, "ppl": math.exp(total / n), "tokens": n}
 
 
-def main(argv: Optional[list[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m mlx_model.evaluate", description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m mlx_model.evaluate", description=__doc__.split("\n")[0]
+    )
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--data", nargs="+", required=True, help="text files, directories or .jsonl")
     p.add_argument("--text-field", default="text", help="field read from .jsonl lines")
@@ -41,7 +44,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         tok = Tokenizer.load(a.model)
         model = load_model(a.model)
         if tok.vocab_size > model.args.vocab_size:
-            raise DataError(f"tokenizer in {a.model} has {tok.vocab_size} tokens, the model {model.args.vocab_size}")
+            raise DataError(
+                f"tokenizer in {a.model} has {tok.vocab_size} tokens, the model {model.args.vocab_size}"
+            )
         if a.seq_len < 1 or a.seq_len > model.args.max_position_embeddings:
             raise DataError(f"--seq-len must be in 1..{model.args.max_position_embeddings}")
         ids = []
@@ -51,8 +56,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                 ids.append(tok.eos_id)
         ids = np.array(ids, dtype=np.int32)
         if len(ids) < a.seq_len + 1:
-            raise DataError(f"the text has {len(ids)} tokens, fewer than one window of {a.seq_len + 1}: "
-                            "add text or lower --seq-len")
+            raise DataError(
+                f"the text has {len(ids)} tokens, fewer than one window of {a.seq_len + 1}: "
+                "add text or lower --seq-len"
+            )
         r = evaluate(model, ids, a.seq_len, a.batch_size)
     except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

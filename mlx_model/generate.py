@@ -15,9 +15,10 @@ import mlx_model  # noqa: F401  # isort: skip  (loads a fast BLAS before MLX)
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import mlx.core as mx
 
@@ -112,7 +113,7 @@ def stream(
     tokenizer: Tokenizer,
     prompts: list[str],
     params: SamplingParams,
-    stats: Optional[Stats] = None,
+    stats: Stats | None = None,
     truncate_prompt: bool = False,
     compiled: bool = True,
 ) -> Iterator[tuple[int, str]]:
@@ -258,7 +259,7 @@ def _prompts(a: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     keys = SamplingParams.__dataclass_fields__
     params = SamplingParams(**{k: v for k, v in vars(a).items() if k in keys})

@@ -21,8 +21,9 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .checkpoint import CheckpointError, load_args, load_model, require_dir, save_model
 from .config import ModelArgs
@@ -198,7 +199,7 @@ def _mtp_from_hf(depth: int, layer: dict[str, Any], concat: Callable[..., Any]) 
         elif k.startswith(("enorm.", "hnorm.")):
             out[f"mtp.{depth}.{k}"] = v
         elif k.startswith("shared_head.norm."):
-            out[f"mtp.{depth}.norm.{k[len('shared_head.norm.'):]}"] = v
+            out[f"mtp.{depth}.norm.{k[len('shared_head.norm.') :]}"] = v
         else:
             out[f"mtp.{depth}.block.{k}"] = v
     return out

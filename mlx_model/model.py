@@ -9,7 +9,7 @@ The model returns logits; losses live in the training code.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -24,11 +24,15 @@ class Block(nn.Module):
     def __init__(self, args: ModelArgs, layer: int):
         super().__init__()
         self.self_attn = make_attention(args)
-        self.mlp = MoE(args) if args.is_moe_layer(layer) else MLP(args.hidden_size, args.intermediate_size)
+        self.mlp = (
+            MoE(args) if args.is_moe_layer(layer) else MLP(args.hidden_size, args.intermediate_size)
+        )
         self.input_layernorm = make_norm(args, args.hidden_size)
         self.post_attention_layernorm = make_norm(args, args.hidden_size)
 
-    def __call__(self, x: mx.array, mask: Mask, cache: Any = None) -> tuple[mx.array, Optional[Routing]]:
+    def __call__(
+        self, x: mx.array, mask: Mask, cache: Any = None
+    ) -> tuple[mx.array, Routing | None]:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         y = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
@@ -60,7 +64,7 @@ class MTPModule(nn.Module):
         self.norm = make_norm(args, D)
 
 
-def attention_mask(T: int, offset: int = 0, pad: Optional[mx.array] = None) -> Mask:
+def attention_mask(T: int, offset: int = 0, pad: mx.array | None = None) -> Mask:
     """Causal mask for T new tokens after `offset` cached ones, optionally hiding left padding.
 
     pad: [B] number of left-padding tokens per row. Returns "causal" (fused) when no padding
@@ -90,7 +94,7 @@ class Model(nn.Module):
         init_weights(self, args)
 
     def forward(
-        self, inputs: mx.array, cache: Optional[list] = None, mask: Mask | bool = True
+        self, inputs: mx.array, cache: list | None = None, mask: Mask | bool = True
     ) -> tuple[mx.array, mx.array, list[Routing]]:
         """inputs [B, T] ids -> (logits [B, T, V], last hidden state before the final norm
         [B, T, D], routing statistics of each MoE layer). mask=True builds the causal mask."""
@@ -105,11 +109,15 @@ class Model(nn.Module):
                 routing.append(r)
         return self.lm_head(self.model.norm(h)), h, routing
 
-    def __call__(self, inputs: mx.array, cache: Optional[list] = None, mask: Mask | bool = True) -> mx.array:
+    def __call__(
+        self, inputs: mx.array, cache: list | None = None, mask: Mask | bool = True
+    ) -> mx.array:
         """inputs [B, T] token ids -> logits [B, T, vocab]."""
         return self.forward(inputs, cache, mask)[0]
 
-    def mtp_forward(self, hidden: mx.array, inputs: mx.array) -> tuple[list[mx.array], list[Routing]]:
+    def mtp_forward(
+        self, hidden: mx.array, inputs: mx.array
+    ) -> tuple[list[mx.array], list[Routing]]:
         """MTP logits for depths k = 1..D from the main model's last hidden state.
 
         Depth k at position i sees h_{k-1}[i] and token t_{i+k} and predicts t_{i+k+1}; its

@@ -137,7 +137,9 @@ class Experts(nn.Module):
             h = swiglu(mm1(xs, self.gate_proj.weight), mm1(xs, self.up_proj.weight))
             y = mm1(h, self.down_proj.weight).squeeze(-2)  # [N, k, D]
             return (y * weights[..., None].astype(y.dtype)).sum(1)
-        R = -(-(S + E * (b - 1)) // b) * b  # static bound on the padded rows, a whole number of blocks
+        R = (
+            -(-(S + E * (b - 1)) // b) * b
+        )  # static bound on the padded rows, a whole number of blocks
         flat = indices.reshape(-1)  # [S] expert of each slot (slot = token * k + rank)
         onehot = (flat[:, None] == mx.arange(E)).astype(mx.int32)  # [S, E]
         rank = (mx.cumsum(onehot, axis=0) * onehot).sum(-1) - 1  # [S] place in its expert's group
@@ -148,12 +150,16 @@ class Experts(nn.Module):
         # Row -> slot; padding rows (past an expert's count) read token N, an appended zero row.
         row_slot = mx.zeros((R,), mx.int32).at[dest].add(mx.arange(1, S + 1, dtype=mx.int32)) - 1
         row_tok = mx.where(row_slot >= 0, row_slot // k, N)  # [R]
-        block_expert = mx.minimum((mx.arange(0, R, b)[:, None] >= (start + padded)).sum(-1), E - 1)  # [R/b]
+        block_expert = mx.minimum(
+            (mx.arange(0, R, b)[:, None] >= (start + padded)).sum(-1), E - 1
+        )  # [R/b]
         xs = mx.concatenate([x, mx.zeros((1, x.shape[1]), x.dtype)])[row_tok]  # [R, D]
         xs = xs.reshape(R // b, b, -1)  # [R/b, b, D]
 
         def mm(a: mx.array, w: mx.array) -> mx.array:
-            return mx.gather_mm(a, w.swapaxes(-1, -2), rhs_indices=block_expert, sorted_indices=True)
+            return mx.gather_mm(
+                a, w.swapaxes(-1, -2), rhs_indices=block_expert, sorted_indices=True
+            )
 
         h = swiglu(mm(xs, self.gate_proj.weight), mm(xs, self.up_proj.weight))  # [R/b, b, I]
         y = mm(h, self.down_proj.weight).reshape(R, -1)[dest].reshape(N, k, -1)  # [N, k, D]
@@ -192,7 +198,9 @@ class MoE(nn.Module):
         self.gate = MoEGate(args)
         self.experts = Experts(args)
         if args.n_shared_experts > 0:
-            self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts)
+            self.shared_experts = MLP(
+                args.hidden_size, args.moe_intermediate_size * args.n_shared_experts
+            )
 
     def route(self, x: mx.array) -> tuple[mx.array, Routing]:
         """x [B, T, D] -> (output [B, T, D], routing statistics)."""

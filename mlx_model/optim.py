@@ -15,8 +15,15 @@ import mlx.core as mx
 import mlx.optimizers as optim
 
 
-def lr_at(step: int, lr: float, warmup: int, total: int, schedule: str = "cosine",
-          min_lr_ratio: float = 0.1, decay_fraction: float = 0.2) -> float:
+def lr_at(
+    step: int,
+    lr: float,
+    warmup: int,
+    total: int,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
+) -> float:
     """Learning rate for optimizer step `step` (0-based), plain Python (the twin uses this too)."""
     lo = lr * min_lr_ratio
     if warmup > 0 and step < warmup:
@@ -34,11 +41,19 @@ def lr_at(step: int, lr: float, warmup: int, total: int, schedule: str = "cosine
     return lo + 0.5 * (lr - lo) * (1 + math.cos(math.pi * frac))
 
 
-def make_schedule(lr: float, warmup: int, total: int, schedule: str = "cosine",
-                  min_lr_ratio: float = 0.1, decay_fraction: float = 0.2):
+def make_schedule(
+    lr: float,
+    warmup: int,
+    total: int,
+    schedule: str = "cosine",
+    min_lr_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
+):
     """An mlx.optimizers-style schedule (step array -> lr array) equal to `lr_at`."""
-    table = mx.array([lr_at(s, lr, warmup, total, schedule, min_lr_ratio, decay_fraction) for s in range(total)]
-                     + [lr * min_lr_ratio if schedule != "constant" else lr])
+    table = mx.array(
+        [lr_at(s, lr, warmup, total, schedule, min_lr_ratio, decay_fraction) for s in range(total)]
+        + [lr * min_lr_ratio if schedule != "constant" else lr]
+    )
 
     def fn(step: mx.array) -> mx.array:
         return table[mx.minimum(step, total)]
@@ -48,8 +63,12 @@ def make_schedule(lr: float, warmup: int, total: int, schedule: str = "cosine",
 
 def make_optimizer(learning_rate, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8):
     """AdamW with decay on ndim >= 2 parameters only."""
-    decay = optim.AdamW(learning_rate, betas=list(betas), eps=eps, weight_decay=weight_decay, bias_correction=True)
-    no_decay = optim.AdamW(learning_rate, betas=list(betas), eps=eps, weight_decay=0.0, bias_correction=True)
+    decay = optim.AdamW(
+        learning_rate, betas=list(betas), eps=eps, weight_decay=weight_decay, bias_correction=True
+    )
+    no_decay = optim.AdamW(
+        learning_rate, betas=list(betas), eps=eps, weight_decay=0.0, bias_correction=True
+    )
     return optim.MultiOptimizer([decay, no_decay], [lambda path, p: p.ndim >= 2])
 
 
@@ -76,5 +95,9 @@ def clip_by_global_norm(grads, max_norm: float, prescale: float = 1.0):
     from mlx.utils import tree_map
 
     norm = global_norm(grads) * prescale
-    scale = mx.array(prescale) if max_norm <= 0 else prescale * mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    scale = (
+        mx.array(prescale)
+        if max_norm <= 0
+        else prescale * mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    )
     return tree_map(lambda g: g * scale.astype(g.dtype), grads), norm

@@ -10,8 +10,8 @@ Filters set removed tokens to -inf. Temperature 0 is greedy (argmax of the penal
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
@@ -28,20 +28,20 @@ class SamplingParams:
 
     max_tokens: int = 100  # new tokens per prompt
     temperature: float = 0.7  # 0 = greedy
-    temperature_end: Optional[float] = None  # linear schedule to this value (None = constant)
+    temperature_end: float | None = None  # linear schedule to this value (None = constant)
     top_k: int = 0  # keep the k most likely tokens (0 = off)
     top_p: float = 0.9  # keep the smallest set with probability >= p (1 = off)
     min_p: float = 0.0  # keep tokens with p >= min_p * p_max (0 = off)
     repetition_penalty: float = 1.0  # CTRL: seen logits / rp if > 0 else * rp (1 = off)
     presence_penalty: float = 0.0  # OpenAI: minus this once for every seen token
     frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count
-    seed: Optional[int] = None  # random seed (None = fresh randomness)
+    seed: int | None = None  # random seed (None = fresh randomness)
     stop: list[str] = field(default_factory=list)  # stop strings (output cut before them)
     num_beams: int = 1  # > 1: beam search (deterministic, no sampling)
     length_penalty: float = 1.0  # beam score = sum logprob / len ** length_penalty
     early_stopping: bool = False  # beam search stops once num_beams hypotheses finished
 
-    def validate(self) -> "SamplingParams":
+    def validate(self) -> SamplingParams:
         def bad(flag: str, why: str) -> None:
             v = getattr(self, flag)
             raise SamplingError(f"--{flag.replace('_', '-')} {v}: {why}")
@@ -141,7 +141,7 @@ def min_p_filter(logits: mx.array, min_p: float) -> mx.array:
 
 def process_logits(
     logits: mx.array,
-    counts: Optional[mx.array],
+    counts: mx.array | None,
     params: SamplingParams,
     temperature: mx.array | float,
 ) -> mx.array:
@@ -153,7 +153,7 @@ def process_logits(
     return min_p_filter(logits, params.min_p)
 
 
-def penalise(logits: mx.array, counts: Optional[mx.array], params: SamplingParams) -> mx.array:
+def penalise(logits: mx.array, counts: mx.array | None, params: SamplingParams) -> mx.array:
     """The repetition / presence / frequency penalties (identity when all are off)."""
     if counts is None or not params.penalised:
         return logits
@@ -166,7 +166,7 @@ def penalise(logits: mx.array, counts: Optional[mx.array], params: SamplingParam
     return logits
 
 
-Sampler = Callable[[mx.array, Optional[mx.array], mx.array, mx.array], tuple[mx.array, mx.array]]
+Sampler = Callable[[mx.array, mx.array | None, mx.array, mx.array], tuple[mx.array, mx.array]]
 
 
 def make_sampler(params: SamplingParams) -> Sampler:
@@ -202,7 +202,7 @@ def beam_search(
     prompt: Sequence[int],
     num_beams: int,
     max_tokens: int,
-    eos_id: Optional[int] = None,
+    eos_id: int | None = None,
     length_penalty: float = 1.0,
     early_stopping: bool = False,
 ) -> BeamResult:

@@ -19,8 +19,9 @@ import dataclasses
 import math
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -52,34 +53,50 @@ def lane_units(batches: list, lanes: int) -> list[list]:
     if len(batches) % lanes == 0:
         return [list(batches[j::lanes]) for j in range(lanes)]
     rows = batches[0].shape[0] // lanes
-    return [[b[j * rows:(j + 1) * rows] for b in batches] for j in range(lanes)]
+    return [[b[j * rows : (j + 1) * rows] for b in batches] for j in range(lanes)]
 
 
 class Trainer:
     """Holds model, optimizer and the compiled step functions for one run."""
 
-    def __init__(self, cfg: Any, args: ModelArgs, model: Model, group: Any = None,
-                 optimizer_state: Optional[dict] = None):
+    def __init__(
+        self,
+        cfg: Any,
+        args: ModelArgs,
+        model: Model,
+        group: Any = None,
+        optimizer_state: dict | None = None,
+    ):
         self.cfg, self.args, self.model = cfg, args, model
         self.group = group
         self.world = group.size() if group is not None else 1
-        self.schedule = make_schedule(cfg.lr, cfg.warmup, cfg.max_steps, cfg.schedule, cfg.min_lr_ratio,
-                                      cfg.decay_fraction)
+        self.schedule = make_schedule(
+            cfg.lr, cfg.warmup, cfg.max_steps, cfg.schedule, cfg.min_lr_ratio, cfg.decay_fraction
+        )
         lanes = cfg.lanes or auto_lanes(cfg.batch_size, cfg.accum)
         if lanes > 1 and cfg.accum % lanes and cfg.batch_size % lanes:
-            raise ValueError(f"lanes {lanes} divides neither accum {cfg.accum} nor batch_size {cfg.batch_size}")
+            raise ValueError(
+                f"lanes {lanes} divides neither accum {cfg.accum} nor batch_size {cfg.batch_size}"
+            )
         self.lanes = lanes
         self.units = cfg.accum * (1 if cfg.accum % lanes == 0 else lanes)  # gradient units per step
-        self.streams = ([mx.new_stream(mx.cpu) for _ in range(lanes)] if lanes > 1
-                        else [mx.default_stream(mx.default_device())])
-        self.lane_blas_threads = max(1, (os.cpu_count() or 1) // lanes)  # BLAS threads while lanes run
+        self.streams = (
+            [mx.new_stream(mx.cpu) for _ in range(lanes)]
+            if lanes > 1
+            else [mx.default_stream(mx.default_device())]
+        )
+        self.lane_blas_threads = max(
+            1, (os.cpu_count() or 1) // lanes
+        )  # BLAS threads while lanes run
         self.optimizer = make_optimizer(self.schedule, cfg.weight_decay)
         self.optimizer.init(model.trainable_parameters())
         if optimizer_state is not None:  # before compiling: the compiled steps capture this state
             self.optimizer.state = optimizer_state
         # Per lane: one function for a lane's first unit (its gradients start the sum) and one
         # that adds to the sum. Separate function objects, so each is traced on its own stream.
-        self.micro_fns = [(self._compiled(first=True), self._compiled(first=False)) for _ in self.streams]
+        self.micro_fns = [
+            (self._compiled(first=True), self._compiled(first=False)) for _ in self.streams
+        ]
         update = self._update
         if cfg.compile:
             state = [model.state, self.optimizer.state]
@@ -127,11 +144,19 @@ class Trainer:
         try:
             for i in range(len(work[0])):
                 terms = []
-                for j, stream in enumerate(self.streams):  # queue every lane's unit, then run them together
+                for j, stream in enumerate(
+                    self.streams
+                ):  # queue every lane's unit, then run them together
                     first, more = self.micro_fns[j]
                     with mx.stream(stream):
-                        accs[j], t = first(params, work[j][i]) if accs[j] is None else more(params, work[j][i], accs[j])
-                    self.model.update(params)  # a trace leaves its placeholders in the model: put the arrays back
+                        accs[j], t = (
+                            first(params, work[j][i])
+                            if accs[j] is None
+                            else more(params, work[j][i], accs[j])
+                        )
+                    self.model.update(
+                        params
+                    )  # a trace leaves its placeholders in the model: put the arrays back
                     terms.append(t)
                 mx.eval(accs, terms)
                 for t in terms:
@@ -150,8 +175,11 @@ class Trainer:
         """One optimizer step over `accum` micro-batches; returns metrics (summed over ranks)."""
         acc, sums, counts, dropped = self._gradients(batches)
         norm = self.update_fn(acc)
-        reduced = self.all_sum(mx.concatenate([sums, dropped.reshape(1).astype(mx.float32),
-                                               counts.reshape(-1).astype(mx.float32)]))
+        reduced = self.all_sum(
+            mx.concatenate(
+                [sums, dropped.reshape(1).astype(mx.float32), counts.reshape(-1).astype(mx.float32)]
+            )
+        )
         counts = reduced[5:].reshape(counts.shape)
         update_bias(self.model, counts)
         mx.eval(self.model.state, self.optimizer.state, norm, reduced)
@@ -161,8 +189,11 @@ class Trainer:
         if counts.size:
             c = np.array(counts)
             load = c.max(-1) / np.maximum(c.mean(-1), 1e-9)
-            out.update(balance=bal, expert_load_max_over_mean=float(load.max()),
-                       expert_load=[round(float(v), 4) for v in load])
+            out.update(
+                balance=bal,
+                expert_load_max_over_mean=float(load.max()),
+                expert_load=[round(float(v), 4) for v in load],
+            )
             if self.args.capacity_factor > 0:
                 out["dropped_fraction"] = float(reduced[4].item() / max(1.0, c.sum()))
         if self.args.num_nextn_predict_layers:
@@ -182,5 +213,9 @@ class Trainer:
         ckpt.save_model(out, self.model, tok)
         opt = dict(tree_flatten(self.optimizer.state))
         ckpt.atomic_write(out / "optimizer.safetensors", lambda t: mx.save_safetensors(t, opt))
-        state = {"step": step, "train_config": dataclasses.asdict(self.cfg), "world_size": self.world}
+        state = {
+            "step": step,
+            "train_config": dataclasses.asdict(self.cfg),
+            "world_size": self.world,
+        }
         ckpt.write_json(out / "trainer_state.json", state)

@@ -9,9 +9,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import TOL_LAYER, assert_close, mqa_args, tiny_args, to_mx, to_np, to_torch, twins
 
 import torch_reference.model as tm
+from conftest import TOL_LAYER, assert_close, mqa_args, tiny_args, to_mx, to_np, to_torch, twins
 from mlx_model.cache import KVCache
 from mlx_model.layers import apply_rope
 from mlx_model.model import attention_mask

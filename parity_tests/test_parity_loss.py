@@ -12,6 +12,9 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 import torch
+from mlx.utils import tree_flatten
+
+import torch_reference.loss as tl
 from conftest import (
     TOL_GRAD,
     TOL_LOGITS,
@@ -23,9 +26,6 @@ from conftest import (
     to_np,
     twins,
 )
-from mlx.utils import tree_flatten
-
-import torch_reference.loss as tl
 from mlx_model.loss import loss_terms, moe_layers, update_bias
 from mlx_model.optim import clip_by_global_norm, lr_at, make_optimizer
 
@@ -149,9 +149,9 @@ def test_optimizer_steps(seed, config, B, T):
         if "e_score_correction_bias" in k:  # moved by +-gamma per step, no gradient, no decay
             want = before[k] + bias_moves[layers.index(k)]
             assert np.abs(to_np(after[k]) - want).max() < 1e-8, f"{k}: {to_np(after[k])} != {want}"
-            assert (
-                np.abs(to_np(state_t[k]) - want).max() < 1e-8
-            ), f"{k}: {to_np(state_t[k])} != {want}"
+            assert np.abs(to_np(state_t[k]) - want).max() < 1e-8, (
+                f"{k}: {to_np(state_t[k])} != {want}"
+            )
             continue
         assert_close(after[k], state_t[k], TOL_LOGITS, f"param {k}")
     # The updates themselves (parameters minus their start), all parameters together.

@@ -12,9 +12,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import TOL_LAYER, TOL_LOGITS, assert_close, mqa_args, tiny_args, to_np, twins
 from mlx.utils import tree_flatten
 
+from conftest import TOL_LAYER, TOL_LOGITS, assert_close, mqa_args, tiny_args, to_np, twins
 from mlx_model.cache import make_cache
 from mlx_model.config import preset
 from mlx_model.model import Model as MLXModel
@@ -29,7 +29,7 @@ PRESETS = {
 SHAPES = [(1, 1), (2, 7), (3, 16)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def preset_twins(name: str, seed: int):
     """Random twins per (preset, seed), built once and shared by the shapes and modes."""
     mx.random.seed(seed)
@@ -50,9 +50,9 @@ def test_logits(seed, name, training, B, T):
     logits, hidden, routing = mlx.forward(mx.array(tokens))
     logits_t, hidden_t, routing_t = ref(torch.from_numpy(tokens))
     for i, (r, r_t) in enumerate(zip(routing, routing_t)):
-        assert (
-            to_np(r.indices) == to_np(r_t.indices)
-        ).all(), f"MoE layer {i}: chosen experts differ"
+        assert (to_np(r.indices) == to_np(r_t.indices)).all(), (
+            f"MoE layer {i}: chosen experts differ"
+        )
         assert int(r.dropped) == int(r_t.dropped), f"MoE layer {i}: dropped slots differ"
         if not training:
             assert int(r.dropped) == 0
@@ -116,9 +116,9 @@ def test_weight_names_and_shapes(name):
     ref = TorchModel(args)
     want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in tree_flatten(MLXModel(args).parameters())}
-    assert sorted(got) == sorted(
-        want
-    ), f"only MLX: {set(got) - set(want)}; only torch: {set(want) - set(got)}"
+    assert sorted(got) == sorted(want), (
+        f"only MLX: {set(got) - set(want)}; only torch: {set(want) - set(got)}"
+    )
     assert got == want
     # The routing bias is saved but not trained; RoPE tables and masks are not weights.
     trainable = {k for k, p in ref.named_parameters()}

@@ -14,6 +14,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+
+import torch_reference.model as tm
 from conftest import (
     TOL_LAYER,
     assert_close,
@@ -26,8 +28,6 @@ from conftest import (
     to_torch,
     twins,
 )
-
-import torch_reference.model as tm
 from mlx_model.moe import capacity_keep, select_experts
 
 MARGIN = 1e-3
@@ -85,17 +85,17 @@ def test_select_experts(seed, router, biased, B, T):
     logits = draw_without_ties(rng, (B, T, E), lambda x: x * 2, bias, args) * 2
     w, idx, s = select_experts(to_mx(logits), mx.array(bias), args)
     w_t, idx_t, s_t = tm.select_experts(to_torch(logits), torch.from_numpy(bias).double(), args)
-    assert (
-        to_np(idx) == to_np(idx_t)
-    ).all(), f"chosen experts differ:\n{to_np(idx)}\n{to_np(idx_t)}"
+    assert (to_np(idx) == to_np(idx_t)).all(), (
+        f"chosen experts differ:\n{to_np(idx)}\n{to_np(idx_t)}"
+    )
     assert_close(w, w_t, TOL_LAYER, "routing weights")
     assert_close(s, s_t, TOL_LAYER, "scores")
     if biased:  # the bias must matter for selection, and only for selection
         _, idx0, _ = tm.select_experts(to_torch(logits), torch.zeros(E, dtype=torch.float64), args)
         if B * T >= 16:
-            assert (
-                idx0 != idx_t
-            ).any(), "the bias changed no choice: the test would not see a bias bug"
+            assert (idx0 != idx_t).any(), (
+                "the bias changed no choice: the test would not see a bias bug"
+            )
         s_chosen = np.take_along_axis(to_np(s_t), to_np(idx_t), -1)
         want = s_chosen / s_chosen.sum(-1, keepdims=True) if args.norm_topk_prob else s_chosen
         assert_close(w_t, want * args.routed_scaling_factor, 1e-12, "weights from unbiased s")
@@ -127,9 +127,9 @@ def test_capacity_keep(seed, cf, E, k, B, T):
     want = capacity_reference(indices, E, cf)
     got = to_np(capacity_keep(mx.array(indices), E, cf))
     got_t = to_np(tm.capacity_keep(torch.from_numpy(indices), E, cf))
-    assert (got == want).all() and (
-        got_t == want
-    ).all(), f"kept slots differ:\n{got}\n{got_t}\n{want}"
+    assert (got == want).all() and (got_t == want).all(), (
+        f"kept slots differ:\n{got}\n{got_t}\n{want}"
+    )
 
 
 @pytest.mark.parametrize("dispatch", ["dense", "gather"])

@@ -12,6 +12,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
+
+import torch_reference.model as tm
 from conftest import (
     TOL_LAYER,
     TOL_LOGITS,
@@ -25,8 +27,6 @@ from conftest import (
     to_torch,
     twins,
 )
-
-import torch_reference.model as tm
 from mlx_model.model import attention_mask
 
 

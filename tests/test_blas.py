@@ -173,5 +173,7 @@ print(json.dumps(out))
         nm = shutil.which("nm")
         if nm:
             for lib in libs:
-                dynsyms = subprocess.run([nm, "-D", "-C", str(lib)], capture_output=True, text=True).stdout
+                dynsyms = subprocess.run(
+                    [nm, "-D", "-C", str(lib)], capture_output=True, text=True
+                ).stdout
                 assert "mlx::core::" not in dynsyms, (lib.name, dynsyms)

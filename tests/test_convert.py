@@ -12,10 +12,10 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import torch
-from conftest import TOL_LOGITS, assert_close, mqa_args, tiny_args
 from mlx.utils import tree_flatten, tree_map
 from safetensors import safe_open
 
+from conftest import TOL_LOGITS, assert_close, mqa_args, tiny_args
 from mlx_model.checkpoint import load_model, save_model
 from mlx_model.loss import moe_layers
 from mlx_model.model import Model as MLXModel
@@ -49,9 +49,9 @@ def assert_same_bytes(a: Path, b: Path) -> None:
     assert sorted(ta) == sorted(tb)
     for k in ta:
         assert ta[k].dtype == tb[k].dtype and ta[k].shape == tb[k].shape, k
-        assert (
-            ta[k].contiguous().view(torch.uint8).equal(tb[k].contiguous().view(torch.uint8))
-        ), f"{k}: bytes differ"
+        assert ta[k].contiguous().view(torch.uint8).equal(tb[k].contiguous().view(torch.uint8)), (
+            f"{k}: bytes differ"
+        )
 
 
 def run_cli(*argv: str, capsys) -> tuple[int, str, str]:

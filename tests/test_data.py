@@ -146,6 +146,7 @@ def test_hf_save_load_round_trip(bpe: Tokenizer, tmp_path: Path):
 
 def test_transformers_loads_saved_bpe(bpe: Tokenizer, tmp_path: Path):
     import transformers
+
     bpe.save(str(tmp_path))
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     assert hf.eos_token_id == hf.bos_token_id == hf.pad_token_id == bpe.eos_id
@@ -165,6 +166,7 @@ def test_transformers_loads_saved_bpe(bpe: Tokenizer, tmp_path: Path):
 @pytest.fixture(scope="module")
 def sp_model(tmp_path_factory) -> Path:
     import sentencepiece as spm
+
     root = tmp_path_factory.mktemp("sp")
     rng = np.random.default_rng(8)
     letters = list("abcdefghijklmnopqrstuvwxyz")
@@ -199,8 +201,9 @@ def test_sentencepiece_save_load_round_trip(sp_model: Path, tmp_path: Path):
 
 
 def test_transformers_loads_saved_sentencepiece(sp_model: Path, tmp_path: Path):
-    import transformers
     import google.protobuf  # noqa: F401  (transformers reads the .model proto with it)
+    import transformers
+
     tok = Tokenizer.load(str(sp_model))
     tok.save(str(tmp_path))
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
@@ -215,6 +218,7 @@ def test_transformers_loads_saved_sentencepiece(sp_model: Path, tmp_path: Path):
 @pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
 def test_mlx_lm_loads_saved_tokenizer(kind: str, request, tmp_path: Path):
     from mlx_lm import tokenizer_utils
+
     if kind == "bpe":
         tok, text = request.getfixturevalue("bpe"), random_text(np.random.default_rng(7), 300)
     else:

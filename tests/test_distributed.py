@@ -27,14 +27,41 @@ from mlx_model.data import prepare_data
 from mlx_model.distributed import Watchdog
 
 ROOT = Path(__file__).resolve().parents[1]
-LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which("mlx.launch")
-pytestmark = pytest.mark.skipif(LAUNCH is None or not mx.distributed.is_available(),
-                                reason="mlx.launch or mx.distributed is not available")
+LAUNCH = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or shutil.which(
+    "mlx.launch"
+)
+pytestmark = pytest.mark.skipif(
+    LAUNCH is None or not mx.distributed.is_available(),
+    reason="mlx.launch or mx.distributed is not available",
+)
 TOL = 2e-5  # relative L2 error per tensor, float32 (as test_train's accumulation test: Adam amplifies reordered sums)
 B = 4  # per-rank batch
-COMMON = ["--preset", "tiny", "--compile", "true", "--seq-len", "32", "--accum", "2", "--lr", "1e-3",
-          "--warmup", "1", "--bias-update-speed", "0.01", "--log-every", "1", "--eval-every", "3",
-          "--save-every", "3", "--eval-batches", "3", "--progress", "true"]
+COMMON = [
+    "--preset",
+    "tiny",
+    "--compile",
+    "true",
+    "--seq-len",
+    "32",
+    "--accum",
+    "2",
+    "--lr",
+    "1e-3",
+    "--warmup",
+    "1",
+    "--bias-update-speed",
+    "0.01",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "3",
+    "--save-every",
+    "3",
+    "--eval-batches",
+    "3",
+    "--progress",
+    "true",
+]
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -46,7 +73,10 @@ def data(tmp_path_factory) -> tuple[Path, Path]:
     """A seeded text file and a token cache filled once, so runs never race to build it."""
     d = tmp_path_factory.mktemp("dp")
     rng = np.random.default_rng(3)
-    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8))) for _ in range(300)]
+    words = [
+        "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8)))
+        for _ in range(300)
+    ]
     (d / "a.txt").write_text("\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(3000)))
     prepare_data([str(d / "a.txt")], None, 512, str(d / "cache"))  # tiny preset: vocab 512
     return d / "a.txt", d / "cache"
@@ -69,22 +99,47 @@ def free_ports() -> int:
 def launch(run: Path, *args: str) -> subprocess.Popen:
     """2 ranks; rank r writes --out run/rank{r}, its pid to run/pid{r} and its output to run/log{r}."""
     run.mkdir(parents=True, exist_ok=True)
-    script = (f'echo $$ > {run}/pid$MLX_RANK; exec "$0" -m mlx_model.train "$@" --out {run}/rank$MLX_RANK '
-              f'> {run}/log$MLX_RANK 2>&1')
-    cmd = [LAUNCH, "-n", "2", "--backend", "ring", "-p", str(free_ports()), "--",
-           "bash", "-c", script, sys.executable, *args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    script = (
+        f'echo $$ > {run}/pid$MLX_RANK; exec "$0" -m mlx_model.train "$@" --out {run}/rank$MLX_RANK '
+        f"> {run}/log$MLX_RANK 2>&1"
+    )
+    cmd = [
+        LAUNCH,
+        "-n",
+        "2",
+        "--backend",
+        "ring",
+        "-p",
+        str(free_ports()),
+        "--",
+        "bash",
+        "-c",
+        script,
+        sys.executable,
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def single(out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "mlx_model.train", *args, "--out", str(out)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlx_model.train", *args, "--out", str(out)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def finish(p: subprocess.Popen, run: Path | None = None, timeout: float = 900) -> str:
     out, _ = p.communicate(timeout=timeout)
-    logs = "".join(f"\n--- rank {r}:\n" + (run / f"log{r}").read_text()[-3000:]
-                   for r in (0, 1) if run and (run / f"log{r}").is_file())
+    logs = "".join(
+        f"\n--- rank {r}:\n" + (run / f"log{r}").read_text()[-3000:]
+        for r in (0, 1)
+        if run and (run / f"log{r}").is_file()
+    )
     assert p.returncode == 0, out[-3000:] + logs
     return out
 
@@ -105,9 +160,13 @@ def test_two_ranks_equal_one_rank_with_double_batch_and_resume(tmp_path, data):
     # One after the other: with a cold MLX kernel cache (a fresh machine) concurrent runs would
     # all compile the same kernels on two cores at once.
     finish(single(tmp_path / "one", *src, "--batch-size", str(2 * B), "--max-steps", "6"))
-    finish(launch(tmp_path / "a", *src, "--batch-size", str(B), "--max-steps", "6", "--stop-at", "3"),
-           tmp_path / "a")
-    assert sorted(os.listdir(cache)) == cached, "a run rebuilt the token cache"  # (a resume keys it anew)
+    finish(
+        launch(tmp_path / "a", *src, "--batch-size", str(B), "--max-steps", "6", "--stop-at", "3"),
+        tmp_path / "a",
+    )
+    assert sorted(os.listdir(cache)) == cached, (
+        "a run rebuilt the token cache"
+    )  # (a resume keys it anew)
     first = tmp_path / "a" / "rank0"
     two = launch(tmp_path / "b", "--resume", str(first), "--cache-dir", str(cache))
     finish(two, tmp_path / "b")
@@ -140,7 +199,12 @@ def test_two_ranks_equal_one_rank_with_double_batch_and_resume(tmp_path, data):
     for r1, r2 in zip(m1, m2):
         for key in ("loss", "ce", "val_ce", "expert_load_max_over_mean"):
             if key in r1:
-                assert abs(r1[key] - r2[key]) <= 1e-5 * max(1.0, abs(r1[key])), (r1["step"], key, r1[key], r2[key])
+                assert abs(r1[key] - r2[key]) <= 1e-5 * max(1.0, abs(r1[key])), (
+                    r1["step"],
+                    key,
+                    r1[key],
+                    r2[key],
+                )
     assert [r["step"] for r in m2 if "val_ce" in r] == [3, 6]
 
 
@@ -166,14 +230,34 @@ def alive(pid: int) -> bool:
 def test_dead_or_hung_rank_ends_run_with_message(tmp_path, data, fault):
     """Rank 1 is killed (SIGKILL) or stopped (SIGSTOP: alive but silent, which the ring backend
     waits on forever) after rank 0's first checkpoint. The launcher must return non-zero within a
-    bounded time (reporting rank 0's exit status 2), rank 0 must say why, and the checkpoint must load. One validation batch for two
-    ranks holding 4 windows: rank 0 evaluates all 4 (B = 4), rank 1 none but still joins the
-    all_sum (no deadlock at evaluation). A new --val-fraction: rank 0 builds the token cache first."""
+    bounded time (reporting rank 0's exit status 2), rank 0 must say why, and the checkpoint must
+    load. One validation batch for two ranks holding 4 windows: rank 0 evaluates all 4 (B = 4),
+    rank 1 none but still joins the all_sum (no deadlock at evaluation). A new --val-fraction:
+    rank 0 builds the token cache first."""
     text, cache = data
     run = tmp_path / "run"
-    p = launch(run, "--data", str(text), "--cache-dir", str(cache), *COMMON, "--batch-size", str(B),
-               "--max-steps", "100000", "--save-every", "1", "--eval-every", "1", "--eval-batches", "1",
-               "--val-fraction", "0.0012", "--dist-timeout", "10")
+    p = launch(
+        run,
+        "--data",
+        str(text),
+        "--cache-dir",
+        str(cache),
+        *COMMON,
+        "--batch-size",
+        str(B),
+        "--max-steps",
+        "100000",
+        "--save-every",
+        "1",
+        "--eval-every",
+        "1",
+        "--eval-batches",
+        "1",
+        "--val-fraction",
+        "0.0012",
+        "--dist-timeout",
+        "10",
+    )
     try:
         state = run / "rank0" / "trainer_state.json"
         wait_for(lambda: state.is_file() or p.poll() is not None, 900, "rank 0's first checkpoint")
@@ -194,7 +278,9 @@ def test_dead_or_hung_rank_ends_run_with_message(tmp_path, data, fault):
     assert "Node with rank 0 exited with code 2" in out, out
     assert "error: rank 0:" in log0, log0[-3000:]
     if fault == "kill":
-        assert "lost the connection to another rank" in log0 or "stopped by the launcher" in log0, log0[-3000:]
+        assert "lost the connection to another rank" in log0 or "stopped by the launcher" in log0, (
+            log0[-3000:]
+        )
     else:
         assert "no progress from the other ranks for 10 s" in log0, log0[-3000:]
         assert took >= 9, took
@@ -217,9 +303,28 @@ def test_rank_whose_peers_never_connect_stops(tmp_path, data):
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"], [f"127.0.0.1:{port + 1}"]]))
     env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "MLX_RANK": "0"}
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "mlx_model.train", "--data", str(text), "--cache-dir", str(cache),
-                        "--preset", "tiny", "--dist-timeout", "3", "--out", str(tmp_path / "out")], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_model.train",
+            "--data",
+            str(text),
+            "--cache-dir",
+            str(cache),
+            "--preset",
+            "tiny",
+            "--dist-timeout",
+            "3",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode != 0
     assert time.monotonic() - t0 < 30
     assert "error: rank 0: no connection to the other ranks after 3 s" in r.stderr, r.stderr[-2000:]

@@ -20,10 +20,9 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm  # noqa: E402
 import numpy as np
 import pytest
-
-import mlx_lm  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
@@ -257,9 +256,9 @@ def test_training_output_is_hf_checkpoint(trained, variant):
     for k in ("n_group", "topk_group", "num_nextn_predict_layers", "bos_token_id", "eos_token_id"):
         assert cfg[k] is not None, k
     main = mx.load(str(d / "model.safetensors"))
-    assert not any(
-        k.startswith("mtp.") for k in main
-    ), "MTP weights must stay out of model.safetensors"
+    assert not any(k.startswith("mtp.") for k in main), (
+        "MTP weights must stay out of model.safetensors"
+    )
     assert "model.layers.1.mlp.experts.3.down_proj.weight" in main
     if cfg["num_nextn_predict_layers"]:
         assert any(k.startswith("mtp.") for k in mx.load(str(d / "mtp.safetensors")))
@@ -276,9 +275,9 @@ def test_training_output_is_hf_checkpoint(trained, variant):
             layer.mlp.gate.e_score_correction_bias
         )
     unbiased = [np.array(r.indices) for r in ours.forward(mx.array(ids))[2]]
-    assert any(
-        (np.sort(a, -1) != np.sort(b, -1)).any() for a, b in zip(routed, unbiased)
-    ), "bias changed nothing"
+    assert any((np.sort(a, -1) != np.sort(b, -1)).any() for a, b in zip(routed, unbiased)), (
+        "bias changed nothing"
+    )
     for layer, b in zip(ours.layers[1:], saved):
         layer.mlp.gate.e_score_correction_bias = b
 
@@ -505,9 +504,9 @@ def test_finetune_from_transformers_checkpoint(hf_dirs, work):
     )
     before, after = load_model(d), load_model(out)
     assert after.args.routed_scaling_factor == 2.5 and after.args.rope_theta == 20000.0
-    assert (
-        float(mx.abs(before.lm_head.weight - after.lm_head.weight).max()) > 0
-    ), "no training happened"
+    assert float(mx.abs(before.lm_head.weight - after.lm_head.weight).max()) > 0, (
+        "no training happened"
+    )
     ids = np.random.default_rng(7).integers(0, 384, (2, 10))
     ref = mlx_logits(after, ids)
     assert_close(ref, torch_logits(hf_load(out), ids), "fine-tuned: transformers")

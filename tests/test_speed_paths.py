@@ -18,14 +18,13 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_map
 
+from conftest import assert_close, mqa_args, tiny_args
 from mlx_model.attention import attention_cpu
 from mlx_model.layers import swiglu
 from mlx_model.loss import cross_entropy
 from mlx_model.model import Model
 from mlx_model.moe import Experts
-from mlx_model.train import Trainer, TrainConfig
-
-from conftest import assert_close, mqa_args, tiny_args
+from mlx_model.train import TrainConfig, Trainer
 
 TOL = 1e-5
 
@@ -45,19 +44,31 @@ def test_compiled_step_matches_eager(seed, kind):
     base = Model(args)
     base.train()
     mx.eval(base.parameters())
-    batches = [mx.array(rng.integers(0, args.vocab_size, (2, 17)).astype(np.int32)) for _ in range(2)]
+    batches = [
+        mx.array(rng.integers(0, args.vocab_size, (2, 17)).astype(np.int32)) for _ in range(2)
+    ]
     results = []
     for compiled in (True, False):
         model = _clone(base)
-        cfg = TrainConfig(preset="tiny", batch_size=2, seq_len=16, accum=2, max_steps=10, warmup=2,
-                          compile=compiled, progress=False)
+        cfg = TrainConfig(
+            preset="tiny",
+            batch_size=2,
+            seq_len=16,
+            accum=2,
+            max_steps=10,
+            warmup=2,
+            compile=compiled,
+            progress=False,
+        )
         trainer = Trainer(cfg, args, model)
         metrics = [trainer.step(batches) for _ in range(2)]
         results.append((metrics, dict(tree_flatten(model.parameters()))))
     (m_c, p_c), (m_e, p_e) = results
     for a, b in zip(m_c, m_e):
         for key in ("loss", "ce", "grad_norm"):
-            assert abs(a[key] - b[key]) <= TOL * max(1.0, abs(b[key])), f"{key}: {a[key]} vs {b[key]}"
+            assert abs(a[key] - b[key]) <= TOL * max(1.0, abs(b[key])), (
+                f"{key}: {a[key]} vs {b[key]}"
+            )
     for name in p_e:
         assert_close(p_c[name], p_e[name], TOL, f"param {name} after 2 steps")
 
@@ -78,8 +89,12 @@ def test_dispatches_agree(seed, E, k, N, max_block):
     rng = np.random.default_rng(seed)
     experts = Experts(args)
     experts.max_block = max_block
-    experts.update(tree_map(lambda p: mx.array(rng.standard_normal(p.shape).astype(np.float32) * 0.2),
-                            experts.parameters()))
+    experts.update(
+        tree_map(
+            lambda p: mx.array(rng.standard_normal(p.shape).astype(np.float32) * 0.2),
+            experts.parameters(),
+        )
+    )
     x = mx.array(rng.standard_normal((N, args.hidden_size)).astype(np.float32))
     idx, w = _routes(rng, N, E, k)
     out = {}
@@ -138,15 +153,21 @@ def test_cpu_attention_matches_fast_sdpa(seed, kv_heads, mask_kind):
     q = mx.array(rng.standard_normal((B, H, L, d)).astype(np.float32))
     k = mx.array(rng.standard_normal((B, kv_heads, S, d)).astype(np.float32))
     v = mx.array(rng.standard_normal((B, kv_heads, S, dv)).astype(np.float32))
-    mask = {"causal": "causal", "none": None, "decode": None,
-            "bool": mx.array(rng.random((B, 1, L, S)) > 0.3) | mx.eye(L, S, dtype=mx.bool_)}[mask_kind]
+    mask = {
+        "causal": "causal",
+        "none": None,
+        "decode": None,
+        "bool": mx.array(rng.random((B, 1, L, S)) > 0.3) | mx.eye(L, S, dtype=mx.bool_),
+    }[mask_kind]
     scale = d**-0.5
 
     def f(q, k, v, att):
         return (att(q, k, v, scale, mask) * mx.sin(q[..., :dv])).sum()
 
     fast = lambda q, k, v, s, m: mx.fast.scaled_dot_product_attention(q, k, v, scale=s, mask=m)  # noqa: E731
-    assert_close(attention_cpu(q, k, v, scale, mask), fast(q, k, v, scale, mask), TOL, "attention output")
+    assert_close(
+        attention_cpu(q, k, v, scale, mask), fast(q, k, v, scale, mask), TOL, "attention output"
+    )
     g_o = mx.grad(lambda *a: f(*a, attention_cpu), argnums=(0, 1, 2))(q, k, v)
     g_f = mx.grad(lambda *a: f(*a, fast), argnums=(0, 1, 2))(q, k, v)
     for a, b, n in zip(g_o, g_f, "qkv"):

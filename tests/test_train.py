@@ -6,7 +6,6 @@ Fresh seeded inputs in every test; references are NumPy float64 or a second run 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,10 +46,26 @@ def test_accumulation_equals_large_batch(compiled):
     rng = np.random.default_rng(1)
     steps, B, T = 3, 4, 16
     data = [rng.integers(0, 512, (2 * B, T + 1)).astype(np.int32) for _ in range(steps)]
-    big = make_trainer(TrainConfig(batch_size=2 * B, seq_len=T, accum=1, max_steps=steps, lr=1e-2, warmup=1,
-                                   compile=compiled), bias_update_speed=0.01, num_nextn_predict_layers=1)
-    small = make_trainer(TrainConfig(batch_size=B, seq_len=T, accum=2, max_steps=steps, lr=1e-2, warmup=1,
-                                     compile=compiled), bias_update_speed=0.01, num_nextn_predict_layers=1)
+    big = make_trainer(
+        TrainConfig(
+            batch_size=2 * B,
+            seq_len=T,
+            accum=1,
+            max_steps=steps,
+            lr=1e-2,
+            warmup=1,
+            compile=compiled,
+        ),
+        bias_update_speed=0.01,
+        num_nextn_predict_layers=1,
+    )
+    small = make_trainer(
+        TrainConfig(
+            batch_size=B, seq_len=T, accum=2, max_steps=steps, lr=1e-2, warmup=1, compile=compiled
+        ),
+        bias_update_speed=0.01,
+        num_nextn_predict_layers=1,
+    )
     for d in data:
         mb = big.step([mx.array(d)])
         ms = small.step([mx.array(d[:B]), mx.array(d[B:])])
@@ -69,7 +84,9 @@ def test_compiled_equals_uncompiled():
     batch = mx.array(rng.integers(0, 512, (4, 17)).astype(np.int32))
     runs = []
     for compiled in (True, False):
-        t = make_trainer(TrainConfig(batch_size=4, seq_len=16, max_steps=2, lr=1e-2, warmup=1, compile=compiled))
+        t = make_trainer(
+            TrainConfig(batch_size=4, seq_len=16, max_steps=2, lr=1e-2, warmup=1, compile=compiled)
+        )
         for _ in range(2):
             t.step([batch])
         runs.append(flat(t.model))
@@ -83,12 +100,26 @@ def test_lanes_equal_one_lane(batch_size, accum):
     one-lane step: same metrics, same parameters after 3 steps, up to float32 summation order."""
     rng = np.random.default_rng(4)
     T = 16
-    data = [[rng.integers(0, 512, (batch_size, T + 1)).astype(np.int32) for _ in range(accum)] for _ in range(3)]
+    data = [
+        [rng.integers(0, 512, (batch_size, T + 1)).astype(np.int32) for _ in range(accum)]
+        for _ in range(3)
+    ]
     runs = []
     for lanes in (1, 2):
-        t = make_trainer(TrainConfig(batch_size=batch_size, seq_len=T, accum=accum, max_steps=3, lr=1e-3,
-                                     warmup=1, lanes=lanes), bias_update_speed=0.01, num_nextn_predict_layers=1,
-                         capacity_factor=1.25)
+        t = make_trainer(
+            TrainConfig(
+                batch_size=batch_size,
+                seq_len=T,
+                accum=accum,
+                max_steps=3,
+                lr=1e-3,
+                warmup=1,
+                lanes=lanes,
+            ),
+            bias_update_speed=0.01,
+            num_nextn_predict_layers=1,
+            capacity_factor=1.25,
+        )
         assert t.lanes == lanes
         metrics = [t.step([mx.array(b) for b in step]) for step in data]
         runs.append((metrics, flat(t.model)))
@@ -126,7 +157,9 @@ def test_cross_entropy_matches_numpy():
 
 
 def test_loss_terms_are_consistent_and_ce_nonnegative():
-    args = preset("tiny").replace(num_nextn_predict_layers=2, balance_loss_alpha=0.1, mtp_loss_weight=0.5)
+    args = preset("tiny").replace(
+        num_nextn_predict_layers=2, balance_loss_alpha=0.1, mtp_loss_weight=0.5
+    )
     mx.random.seed(4)
     model = Model(args)
     ids = mx.array(np.random.default_rng(4).integers(0, 512, (2, 20)).astype(np.int32))
@@ -197,8 +230,13 @@ def test_crash_during_checkpoint_write_keeps_old_checkpoint(tmp_path, monkeypatc
 
 # ------------------------------------------------------------------- through the CLI
 def run_train(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_model.train", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_model.train", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -206,7 +244,10 @@ def corpus(tmp_path_factory) -> Path:
     """A few hundred KB of seeded random 'words', enough for tiny runs."""
     d = tmp_path_factory.mktemp("corpus")
     rng = np.random.default_rng(7)
-    words = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8))) for _ in range(300)]
+    words = [
+        "".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), rng.integers(2, 8)))
+        for _ in range(300)
+    ]
     text = "\n".join(" ".join(rng.choice(words, 12)) + "." for _ in range(4000))
     (d / "a.txt").write_text(text)
     return d / "a.txt"
@@ -216,27 +257,55 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-COMMON = ["--preset", "tiny", "--log-every", "1", "--eval-every", "4", "--progress", "false", "--max-steps", "12"]
+COMMON = [
+    "--preset",
+    "tiny",
+    "--log-every",
+    "1",
+    "--eval-every",
+    "4",
+    "--progress",
+    "false",
+    "--max-steps",
+    "12",
+]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, corpus) -> Path:
     """One uninterrupted 12-step tiny run, shared by the tests below."""
     root = tmp_path_factory.mktemp("run")
-    full = run_train(*COMMON, "--data", str(corpus), "--cache-dir", str(root / "cache"), "--out", str(root / "full"))
+    full = run_train(
+        *COMMON,
+        "--data",
+        str(corpus),
+        "--cache-dir",
+        str(root / "cache"),
+        "--out",
+        str(root / "full"),
+    )
     assert full.returncode == 0, full.stderr[-2000:]
     return root / "full"
 
 
 def test_tiny_run_writes_checkpoint_and_sane_metrics(tiny_run):
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                 "optimizer.safetensors", "trainer_state.json", "metrics.jsonl"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "optimizer.safetensors",
+        "trainer_state.json",
+        "metrics.jsonl",
+    ):
         assert (tiny_run / name).is_file(), name
     rows = metrics(tiny_run)
     train_rows = [r for r in rows if "ce" in r]
     assert [r["step"] for r in train_rows] == list(range(1, 13))
     for r in train_rows:
-        assert r["ce"] >= 0 and r["loss"] >= r["ce"] - 1e-6 and r["tokens_per_s"] > 0 and r["lr"] > 0
+        assert (
+            r["ce"] >= 0 and r["loss"] >= r["ce"] - 1e-6 and r["tokens_per_s"] > 0 and r["lr"] > 0
+        )
         assert abs(r["ppl"] - np.exp(r["ce"])) < 1e-6 * r["ppl"]
         assert r["expert_load_max_over_mean"] >= 1.0
     val = [r["val_ce"] for r in rows if "val_ce" in r]
@@ -244,8 +313,17 @@ def test_tiny_run_writes_checkpoint_and_sane_metrics(tiny_run):
 
 
 def test_resume_equals_uninterrupted(tmp_path, corpus, tiny_run):
-    part = run_train(*COMMON, "--data", str(corpus), "--cache-dir", str(tmp_path / "cache"), "--stop-at", "6",
-                     "--out", str(tmp_path / "part"))
+    part = run_train(
+        *COMMON,
+        "--data",
+        str(corpus),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--stop-at",
+        "6",
+        "--out",
+        str(tmp_path / "part"),
+    )
     assert part.returncode == 0, part.stderr[-2000:]
     assert json.loads((tmp_path / "part" / "trainer_state.json").read_text())["step"] == 6
     res = run_train("--resume", str(tmp_path / "part"), "--progress", "false")
@@ -265,21 +343,57 @@ def test_evaluate_cli_matches_library(tiny_run, corpus, tmp_path):
 
     text = tmp_path / "eval.txt"
     text.write_text(corpus.read_text()[:8000])
-    r = subprocess.run([sys.executable, "-m", "mlx_model.evaluate", "--model", str(tiny_run), "--data", str(text),
-                        "--seq-len", "32"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlx_model.evaluate",
+            "--model",
+            str(tiny_run),
+            "--data",
+            str(text),
+            "--seq-len",
+            "32",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     ce_cli = float(r.stdout.split()[1])
     tok = Tokenizer.load(str(tiny_run))
     ids = np.array(tok.encode(text.read_text()) + [tok.eos_id], dtype=np.int32)
     ref = evaluate(ckpt.load_model(tiny_run), ids, 32)
     assert abs(ce_cli - ref["ce"]) < 1e-3 and ref["ce"] > 0
-    bad(subprocess.run([sys.executable, "-m", "mlx_model.evaluate", "--model", str(corpus.parent), "--data",
-                        str(corpus)], cwd=ROOT, capture_output=True, text=True, timeout=300), "config.json")
+    bad(
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "mlx_model.evaluate",
+                "--model",
+                str(corpus.parent),
+                "--data",
+                str(corpus),
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        ),
+        "config.json",
+    )
 
 
 def test_plot_writes_pngs(tiny_run, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "tools.plot", str(tiny_run), "--out-dir", str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "tools.plot", str(tiny_run), "--out-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     for name in ("loss.png", "lr.png", "expert_load.png"):
         data = (tmp_path / name).read_bytes()
@@ -296,8 +410,18 @@ def bad(result: subprocess.CompletedProcess, *words: str) -> None:
 
 
 def test_bad_inputs_exit_2(tmp_path, corpus):
-    out = ["--out", str(tmp_path / "o"), "--preset", "tiny", "--cache-dir", str(tmp_path / "c"), "--progress",
-           "false", "--max-steps", "2"]
+    out = [
+        "--out",
+        str(tmp_path / "o"),
+        "--preset",
+        "tiny",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--progress",
+        "false",
+        "--max-steps",
+        "2",
+    ]
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     binary = tmp_path / "blob.txt"
@@ -319,12 +443,34 @@ def test_bad_inputs_exit_2(tmp_path, corpus):
 
     # a real checkpoint, then inputs that disagree with it; it must survive untouched
     good = tmp_path / "good"
-    ok = run_train("--preset", "tiny", "--data", str(corpus), "--cache-dir", str(tmp_path / "c"), "--progress",
-                   "false", "--max-steps", "2", "--out", str(good))
+    ok = run_train(
+        "--preset",
+        "tiny",
+        "--data",
+        str(corpus),
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--progress",
+        "false",
+        "--max-steps",
+        "2",
+        "--out",
+        str(good),
+    )
     assert ok.returncode == 0, ok.stderr[-2000:]
     snapshot = {p.name: p.read_bytes() for p in good.iterdir()}
-    bad(run_train(*out, "--data", str(corpus), "--tokenizer", str(good / "tokenizer.json"), "--vocab-size",
-                  "64"), "vocab")
+    bad(
+        run_train(
+            *out,
+            "--data",
+            str(corpus),
+            "--tokenizer",
+            str(good / "tokenizer.json"),
+            "--vocab-size",
+            "64",
+        ),
+        "vocab",
+    )
     broken = tmp_path / "broken"
     broken.mkdir()
     for name, data in snapshot.items():

@@ -33,10 +33,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from tools.bench_workers import (active_params, cache_bytes_per_token, cpu_model, median,
-                                 useful_flops_per_token, worker_main)
+from tools.bench_workers import (
+    active_params,
+    cache_bytes_per_token,
+    cpu_model,
+    median,
+    useful_flops_per_token,
+    worker_main,
+)
 
 SEED_MICRO_PER_S = 5.2  # SEED-NOTES: the seed's own loop on this 2-core machine, vocab 8192
 SEED_M2_IT_PER_S = 25.0  # seed README: micro-batches/s on an Apple M2 (different hardware)
@@ -56,13 +62,17 @@ class Proc:
         cmd = [sys.executable, "-m", "tools.bench", "_worker", kind, name, ckpt, json.dumps(spec)]
         root = str(Path(__file__).resolve().parents[1])
         self.name = name
-        self.p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
+        self.p = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env
+        )
         self.info = self._read()
 
     def _read(self) -> dict:
         line = self.p.stdout.readline()
         if not line:
-            raise RuntimeError(f"bench worker {self.name} died (exit {self.p.wait()}); see its stderr above")
+            raise RuntimeError(
+                f"bench worker {self.name} died (exit {self.p.wait()}); see its stderr above"
+            )
         return json.loads(line)
 
     def ask(self, cmd: str) -> dict:
@@ -80,8 +90,13 @@ def device_label() -> dict:
     import mlx.core as mx
 
     dev = mx.default_device()
-    label = {"mlx_device": str(dev), "cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(),
-             "mlx": mx.__version__}
+    label = {
+        "mlx_device": str(dev),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+    }
     try:
         label["gpu"] = mx.device_info().get("device_name") if dev == mx.gpu else None
     except Exception:
@@ -125,7 +140,10 @@ def bench(a: argparse.Namespace) -> dict:
     from mlx_model.train import PRESET_TRAINING
 
     tr = {"batch_size": 16, "seq_len": 128, "accum": 1} | {
-        k: v for k, v in PRESET_TRAINING.get(a.preset, {}).items() if k in ("batch_size", "seq_len", "accum")}
+        k: v
+        for k, v in PRESET_TRAINING.get(a.preset, {}).items()
+        if k in ("batch_size", "seq_len", "accum")
+    }
     for k in ("batch_size", "seq_len", "accum"):
         if getattr(a, k, None):
             tr[k] = getattr(a, k)
@@ -138,9 +156,17 @@ def bench(a: argparse.Namespace) -> dict:
         names.remove("mlx_lm")
     if a.cmd == "generate":
         names = [n for n in names if n != "torch_reference"]  # the twin has no KV cache
-    spec = dict(preset=a.preset, dtype=a.dtype, warmup=a.warmup, dispatch=a.dispatch, lanes=a.lanes, **tr,
-                mlx_blas_threads=a.mlx_blas_threads,
-                prompt_len=a.prompt_len, new_tokens=a.new_tokens)
+    spec = dict(
+        preset=a.preset,
+        dtype=a.dtype,
+        warmup=a.warmup,
+        dispatch=a.dispatch,
+        lanes=a.lanes,
+        **tr,
+        mlx_blas_threads=a.mlx_blas_threads,
+        prompt_len=a.prompt_len,
+        new_tokens=a.new_tokens,
+    )
     procs: list[Proc] = []
     try:
         for n in names + (["peak"] if a.cmd == "train" else []):
@@ -165,21 +191,36 @@ def bench(a: argparse.Namespace) -> dict:
         out["train"] = {}
         for n in names:
             sec = median([r["seconds"] for r in runs[n]])
-            out["train"][n] = {"tokens_per_s": tokens / sec, "mfu": tokens / sec * fpt / peak,
-                               "peak_memory_bytes": finals[n]["peak_memory_bytes"]}
-        out["extra"] = {"batch": [B, T, A], "flops_per_token": fpt, "matmul_peak_flops": peak,
-                        "peak_mlx": median([r["mlx"] for r in runs["peak"]]),
-                        "peak_torch": median([r.get("torch", 0.0) for r in runs["peak"]]),
-                        "step_seconds": {n: median([r["seconds"] for r in runs[n]]) for n in names},
-                        "step_seconds_all": {n: [round(r["seconds"], 4) for r in runs[n]] for n in names}}
+            out["train"][n] = {
+                "tokens_per_s": tokens / sec,
+                "mfu": tokens / sec * fpt / peak,
+                "peak_memory_bytes": finals[n]["peak_memory_bytes"],
+            }
+        out["extra"] = {
+            "batch": [B, T, A],
+            "flops_per_token": fpt,
+            "matmul_peak_flops": peak,
+            "peak_mlx": median([r["mlx"] for r in runs["peak"]]),
+            "peak_torch": median([r.get("torch", 0.0) for r in runs["peak"]]),
+            "step_seconds": {n: median([r["seconds"] for r in runs[n]]) for n in names},
+            "step_seconds_all": {n: [round(r["seconds"], 4) for r in runs[n]] for n in names},
+        }
         if a.preset == "seed":
             sec = median([r["seconds"] for r in runs["mlx_model"]])
             out["extra"]["seed_micro_batches_per_s"] = A / sec
     else:
-        out["generate"] = {n: {"tokens_per_s": median([r["tokens_per_s"] for r in runs[n]]),
-                               "peak_memory_bytes": finals[n]["peak_memory_bytes"]} for n in names}
-        out["extra"] = {"prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-                        "measured_cache_bytes_per_token": {n: finals[n]["cache_bytes"] for n in names}}
+        out["generate"] = {
+            n: {
+                "tokens_per_s": median([r["tokens_per_s"] for r in runs[n]]),
+                "peak_memory_bytes": finals[n]["peak_memory_bytes"],
+            }
+            for n in names
+        }
+        out["extra"] = {
+            "prompt_len": a.prompt_len,
+            "new_tokens": a.new_tokens,
+            "measured_cache_bytes_per_token": {n: finals[n]["cache_bytes"] for n in names},
+        }
         if len(names) > 1:
             same = finals[names[0]]["tokens"] == finals[names[1]]["tokens"]
             out["extra"]["same_greedy_tokens_first_64"] = same
@@ -192,52 +233,76 @@ def bench(a: argparse.Namespace) -> dict:
 
 def print_table(res: dict, repeats: int) -> None:
     d, x = res["device"], res["extra"]
-    print(f"device: MLX {d['mlx_device']} | {d['cpu']}, {d['cores']} cores"
-          + (f" | GPU {d['gpu']}" if d.get("gpu") else "") + f" | mlx {d['mlx']}")
+    print(
+        f"device: MLX {d['mlx_device']} | {d['cpu']}, {d['cores']} cores"
+        + (f" | GPU {d['gpu']}" if d.get("gpu") else "")
+        + f" | mlx {d['mlx']}"
+    )
     print("BLAS mapped per process: " + "; ".join(f"{k}: {v}" for k, v in d["blas"].items()))
-    print(f"preset {res['preset']}; median of {repeats} interleaved rounds (round-robin, rotating order)")
+    print(
+        f"preset {res['preset']}; median of {repeats} interleaved rounds (round-robin, rotating order)"
+    )
     if "train" in res:
         B, T, A = x["batch"]
         base = res["train"]
-        print(f"train: batch {B} x seq {T} x accum {A} = {B * T * A} tokens/step, float32 unless --dtype; "
-              f"useful FLOPs/token {x['flops_per_token'] / 1e6:.1f}M; matmul peak (fp32 2048^2, median) "
-              f"{x['matmul_peak_flops'] / 1e9:.1f} GFLOP/s (mlx {x['peak_mlx'] / 1e9:.1f}, torch {x['peak_torch'] / 1e9:.1f})")
-        print(f"{'contender':16s} {'tokens/s':>10s} {'s/step':>8s} {'(min-max)':>13s} {'GFLOP/s':>8s} {'MFU':>6s} "
-              f"{'peak mem':>10s}  ours/this")
+        print(
+            f"train: batch {B} x seq {T} x accum {A} = {B * T * A} tokens/step, float32 unless --dtype; "
+            f"useful FLOPs/token {x['flops_per_token'] / 1e6:.1f}M; matmul peak (fp32 2048^2, median) "
+            f"{x['matmul_peak_flops'] / 1e9:.1f} GFLOP/s "
+            f"(mlx {x['peak_mlx'] / 1e9:.1f}, torch {x['peak_torch'] / 1e9:.1f})"
+        )
+        print(
+            f"{'contender':16s} {'tokens/s':>10s} {'s/step':>8s} {'(min-max)':>13s} {'GFLOP/s':>8s} {'MFU':>6s} "
+            f"{'peak mem':>10s}  ours/this"
+        )
         ours = base.get("mlx_model", {}).get("tokens_per_s")
         for n, r in base.items():
             ratio = f"{ours / r['tokens_per_s']:.2f}x" if ours and n != "mlx_model" else ""
             runs = x["step_seconds_all"][n]
             spread = f"({min(runs):.2f}-{max(runs):.2f})"
-            print(f"{n:16s} {r['tokens_per_s']:10.0f} {x['step_seconds'][n]:8.3f} {spread:>13s} "
-                  f"{r['tokens_per_s'] * x['flops_per_token'] / 1e9:8.1f} {100 * r['mfu']:5.1f}% "
-                  f"{r['peak_memory_bytes'] / 2**20:8.0f}MB  {ratio}")
+            print(
+                f"{n:16s} {r['tokens_per_s']:10.0f} {x['step_seconds'][n]:8.3f} {spread:>13s} "
+                f"{r['tokens_per_s'] * x['flops_per_token'] / 1e9:8.1f} {100 * r['mfu']:5.1f}% "
+                f"{r['peak_memory_bytes'] / 2**20:8.0f}MB  {ratio}"
+            )
         if "seed_micro_batches_per_s" in x:
             m = x["seed_micro_batches_per_s"]
-            print(f"seed loop (fwd+bwd per micro-batch, AdamW every {A}th): ours {m:.2f} micro-batches/s "
-                  f"= {m / SEED_MICRO_PER_S:.2f}x the seed's measured {SEED_MICRO_PER_S}/s on this machine; "
-                  f"the seed's README claims {SEED_M2_IT_PER_S:.0f} it/s on an Apple M2 (different hardware): "
-                  f"ours here is {m / SEED_M2_IT_PER_S:.2f}x that")
-        print("peak mem: ru_maxrss of the contender's own process minus its RSS after imports "
-              "(MLX on GPU: mx.get_peak_memory)")
+            print(
+                f"seed loop (fwd+bwd per micro-batch, AdamW every {A}th): ours {m:.2f} micro-batches/s "
+                f"= {m / SEED_MICRO_PER_S:.2f}x the seed's measured {SEED_MICRO_PER_S}/s on this machine; "
+                f"the seed's README claims {SEED_M2_IT_PER_S:.0f} it/s on an Apple M2 (different hardware): "
+                f"ours here is {m / SEED_M2_IT_PER_S:.2f}x that"
+            )
+        print(
+            "peak mem: ru_maxrss of the contender's own process minus its RSS after imports "
+            "(MLX on GPU: mx.get_peak_memory)"
+        )
     else:
-        print(f"generate: batch 1, prompt {x['prompt_len']}, {x['new_tokens']} new tokens, greedy; decode tokens/s "
-              "(prefill excluded)")
-        print(f"{'contender':16s} {'tokens/s':>10s} {'peak mem':>10s} {'cache B/token':>14s}  ours/this")
+        print(
+            f"generate: batch 1, prompt {x['prompt_len']}, {x['new_tokens']} new tokens, greedy; decode tokens/s "
+            "(prefill excluded)"
+        )
+        print(
+            f"{'contender':16s} {'tokens/s':>10s} {'peak mem':>10s} {'cache B/token':>14s}  ours/this"
+        )
         ours = res["generate"].get("mlx_model", {}).get("tokens_per_s")
         for n, r in res["generate"].items():
             ratio = f"{ours / r['tokens_per_s']:.2f}x" if ours and n != "mlx_model" else ""
-            print(f"{n:16s} {r['tokens_per_s']:10.1f} {r['peak_memory_bytes'] / 2**20:8.0f}MB "
-                  f"{x['measured_cache_bytes_per_token'][n]:14d}  {ratio}")
+            print(
+                f"{n:16s} {r['tokens_per_s']:10.1f} {r['peak_memory_bytes'] / 2**20:8.0f}MB "
+                f"{x['measured_cache_bytes_per_token'][n]:14d}  {ratio}"
+            )
         if "same_greedy_tokens_first_64" in x:
             print(f"same greedy tokens (first 64): {x['same_greedy_tokens_first_64']}")
     c = res["cache_bytes_per_token"]
-    print(f"cache bytes/token (all layers): latent {c['latent']} vs expanded multi-head {c['expanded']} "
-          f"({c['expanded'] / c['latent']:.1f}x); latent = layers*(kv_lora_rank+qk_rope_head_dim)*bytes "
-          "(MQA: layers*2*head_dim*bytes), expanded = layers*heads*(qk_head_dim+v_head_dim)*bytes")
+    print(
+        f"cache bytes/token (all layers): latent {c['latent']} vs expanded multi-head {c['expanded']} "
+        f"({c['expanded'] / c['latent']:.1f}x); latent = layers*(kv_lora_rank+qk_rope_head_dim)*bytes "
+        "(MQA: layers*2*head_dim*bytes), expanded = layers*heads*(qk_head_dim+v_head_dim)*bytes"
+    )
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_worker":
         worker_main(*argv[1:5])
@@ -254,23 +319,38 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--seq-len", type=int)
     p.add_argument("--accum", type=int)
-    p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16"],
-                   help="our training dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["auto", "float32", "bfloat16"],
+        help="our training dtype (auto: bfloat16 on GPU, float32 on CPU)",
+    )
     p.add_argument("--dispatch", choices=["dense", "gather"], help="force our expert dispatch")
-    p.add_argument("--lanes", type=int, default=0,
-                   help="our trainer's parallel CPU lanes (default 0: its automatic choice; 1: one stream)")
+    p.add_argument(
+        "--lanes",
+        type=int,
+        default=0,
+        help="our trainer's parallel CPU lanes (default 0: its automatic choice; 1: one stream)",
+    )
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--only", nargs="+", choices=list(NAMES), help="contenders to run")
-    p.add_argument("--mlx-blas-threads", type=int,
-                   help="MKL/OpenBLAS threads for the MLX contenders (default: the library's own choice)")
+    p.add_argument(
+        "--mlx-blas-threads",
+        type=int,
+        help="MKL/OpenBLAS threads for the MLX contenders (default: the library's own choice)",
+    )
     a = p.parse_args(argv)
     t = time.perf_counter()
     res = bench(a)
     print_table(res, a.repeats)
     print(f"(bench wall time {time.perf_counter() - t:.0f} s)")
     if a.json:
-        keep = {k: res[k] for k in ("device", "preset", "train", "generate", "cache_bytes_per_token") if k in res}
+        keep = {
+            k: res[k]
+            for k in ("device", "preset", "train", "generate", "cache_bytes_per_token")
+            if k in res
+        }
         keep.setdefault("train", {})
         keep.setdefault("generate", {})
         Path(a.json).write_text(json.dumps(keep, indent=2) + "\n")

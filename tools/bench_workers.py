@@ -14,7 +14,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -57,14 +57,23 @@ def blas_label(name: str) -> str:
             from mlx_model import _blas
 
             path = _blas.blas_path()
-            threads = os.environ.get("MKL_NUM_THREADS") or os.environ.get("OPENBLAS_NUM_THREADS") or "default"
-            parts.append(f"MLX: {os.path.basename(path)} ({threads} threads)" if path
-                         else "MLX: its bundled reference BLAS (slow)")
+            threads = (
+                os.environ.get("MKL_NUM_THREADS")
+                or os.environ.get("OPENBLAS_NUM_THREADS")
+                or "default"
+            )
+            parts.append(
+                f"MLX: {os.path.basename(path)} ({threads} threads)"
+                if path
+                else "MLX: its bundled reference BLAS (slow)"
+            )
     if "torch" in sys.modules and name in ("torch_reference", "peak"):
         import torch
 
-        parts.append(f"torch: its own {'MKL' if torch.backends.mkl.is_available() else 'BLAS'}, "
-                     f"{torch.get_num_threads()} threads")
+        parts.append(
+            f"torch: its own {'MKL' if torch.backends.mkl.is_available() else 'BLAS'}, "
+            f"{torch.get_num_threads()} threads"
+        )
     return "; ".join(parts) or loaded_blas()
 
 
@@ -127,7 +136,7 @@ def _random_ids(vocab: int, shape: tuple, seed: int):
     return np.random.default_rng(seed).integers(0, vocab, shape).astype(np.int32)
 
 
-def _mlx_peak(device_gpu: bool) -> Optional[int]:
+def _mlx_peak(device_gpu: bool) -> int | None:
     import mlx.core as mx
 
     return int(mx.get_peak_memory()) if device_gpu else None
@@ -150,11 +159,20 @@ class TrainWorker:
         import mlx.core as mx
 
         from mlx_model.checkpoint import load_model
-        from mlx_model.train import Trainer, TrainConfig, pick_dtype
+        from mlx_model.train import TrainConfig, Trainer, pick_dtype
 
         s = self.spec
-        cfg = TrainConfig(preset=s["preset"], batch_size=s["batch_size"], seq_len=s["seq_len"], accum=s["accum"],
-                          dtype=s["dtype"], max_steps=1000, warmup=10, progress=False, lanes=s.get("lanes", 0))
+        cfg = TrainConfig(
+            preset=s["preset"],
+            batch_size=s["batch_size"],
+            seq_len=s["seq_len"],
+            accum=s["accum"],
+            dtype=s["dtype"],
+            max_steps=1000,
+            warmup=10,
+            progress=False,
+            lanes=s.get("lanes", 0),
+        )
         model = load_model(ckpt, dtype=pick_dtype(cfg.dtype))
         if s.get("dispatch"):
             for layer in model.layers:
@@ -182,8 +200,12 @@ class TrainWorker:
         args = ModelArgs.from_dict(self.config)
         torch.manual_seed(0)
         self.model = Model(args)
-        w = stack_experts(read_safetensors(Path(ckpt) / "model.safetensors"), lambda xs: np.stack(xs))
-        self.model.load_state_dict({k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in w.items()})
+        w = stack_experts(
+            read_safetensors(Path(ckpt) / "model.safetensors"), lambda xs: np.stack(xs)
+        )
+        self.model.load_state_dict(
+            {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in w.items()}
+        )
         self.model.train()
         self.opt = make_optimizer(self.model, 1e-3)
         self.loss_terms, self.update_bias = loss_terms, update_bias
@@ -323,13 +345,21 @@ class GenerateWorker:
         mx = self.mx
         cache = make_prompt_cache(self.model)
         last, toks = None, []
-        for r in stream_generate(self.model, self.tokenizer, mx.array(self.prompt), max_tokens=n,
-                                 sampler=lambda logp: mx.argmax(logp, axis=-1), prompt_cache=cache):
+        for r in stream_generate(
+            self.model,
+            self.tokenizer,
+            mx.array(self.prompt),
+            max_tokens=n,
+            sampler=lambda logp: mx.argmax(logp, axis=-1),
+            prompt_cache=cache,
+        ):
             last = r
             toks.append(int(r.token))
         self.tokens = toks
         # bytes per cached position (their buffers grow in steps: count one position's worth)
-        self.cache_bytes = sum(a.nbytes // a.shape[2] for c in cache for a in (c.keys, c.values) if a is not None)
+        self.cache_bytes = sum(
+            a.nbytes // a.shape[2] for c in cache for a in (c.keys, c.values) if a is not None
+        )
         return {"tokens_per_s": last.generation_tps}
 
 
@@ -357,9 +387,12 @@ def worker_main(kind: str, name: str, ckpt: str, spec_json: str) -> None:
     import importlib
 
     # Import each contender's libraries before the memory baseline: they are not its footprint.
-    for mod in {"torch_reference": ["torch", "torch_reference.loss"], "peak": ["torch", "mlx.core"],
-                "mlx_model": ["mlx.core", "mlx_model.train", "mlx_model.generate"],
-                "mlx_lm": ["mlx.core", "mlx_lm.utils", "mlx_lm.generate", "mlx_lm.tuner.trainer"]}[name]:
+    for mod in {
+        "torch_reference": ["torch", "torch_reference.loss"],
+        "peak": ["torch", "mlx.core"],
+        "mlx_model": ["mlx.core", "mlx_model.train", "mlx_model.generate"],
+        "mlx_lm": ["mlx.core", "mlx_lm.utils", "mlx_lm.generate", "mlx_lm.tuner.trainer"],
+    }[name]:
         importlib.import_module(mod)
     base = rss_bytes()
     cls = PeakWorker if name == "peak" else (TrainWorker if kind == "train" else GenerateWorker)
@@ -382,8 +415,11 @@ def worker_main(kind: str, name: str, ckpt: str, spec_json: str) -> None:
             out.write(json.dumps(res) + "\n")
         else:
             gpu_peak = _mlx_peak(True) if getattr(w, "gpu", False) else None
-            final = {"peak_memory_bytes": gpu_peak if gpu_peak else max_rss_bytes() - base,
-                     "tokens": getattr(w, "tokens", [])[:64], "cache_bytes": getattr(w, "cache_bytes", 0)}
+            final = {
+                "peak_memory_bytes": gpu_peak if gpu_peak else max_rss_bytes() - base,
+                "tokens": getattr(w, "tokens", [])[:64],
+                "cache_bytes": getattr(w, "cache_bytes", 0),
+            }
             out.write(json.dumps(final) + "\n")
             out.flush()
             return

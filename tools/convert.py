@@ -24,7 +24,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -65,7 +65,7 @@ def torch_to_mx(t: torch.Tensor) -> mx.array:
     return mx.array(t.numpy())
 
 
-def cast_mx(weights: dict[str, mx.array], dtype: Optional[str]) -> dict[str, mx.array]:
+def cast_mx(weights: dict[str, mx.array], dtype: str | None) -> dict[str, mx.array]:
     """Cast every weight but the routing bias to `dtype` (None: unchanged)."""
     if dtype is None:
         return weights
@@ -73,7 +73,7 @@ def cast_mx(weights: dict[str, mx.array], dtype: Optional[str]) -> dict[str, mx.
     return {k: v if BIAS in k else v.astype(d) for k, v in weights.items()}
 
 
-def cast_torch(state: dict[str, torch.Tensor], dtype: Optional[str]) -> dict[str, torch.Tensor]:
+def cast_torch(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
     if dtype is None:
         return state
     d = getattr(torch, dtype)
@@ -81,7 +81,7 @@ def cast_torch(state: dict[str, torch.Tensor], dtype: Optional[str]) -> dict[str
 
 
 # -------------------------------------------------------------------- library API
-def mlx_to_torch_state(model: Any, dtype: Optional[str] = None) -> dict[str, torch.Tensor]:
+def mlx_to_torch_state(model: Any, dtype: str | None = None) -> dict[str, torch.Tensor]:
     """An MLX Model -> a torch_reference.model.Model state dict (same names, stacked experts)."""
     weights = cast_mx(dict(tree_flatten(model.parameters())), dtype)
     return {k: mx_to_torch(v) for k, v in weights.items()}
@@ -97,7 +97,7 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple]:
 def torch_to_mlx_weights(
     state: dict[str, torch.Tensor],
     args: ModelArgs,
-    dtype: Optional[str] = None,
+    dtype: str | None = None,
     where: str = "state dict",
 ) -> dict[str, mx.array]:
     """A torch twin state dict -> MLX weights (stacked names), checked against `args`:
@@ -118,7 +118,7 @@ def torch_to_mlx_weights(
 
 
 def load_mlx_from_torch(
-    model: Any, state: dict[str, torch.Tensor], dtype: Optional[str] = None
+    model: Any, state: dict[str, torch.Tensor], dtype: str | None = None
 ) -> None:
     """Copy a torch twin's weights into an existing MLX Model (used by the parity tests)."""
     weights = torch_to_mlx_weights(state, model.args, dtype)
@@ -147,7 +147,7 @@ def read_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_config(path: str | Path) -> tuple[ModelArgs, Optional[Path]]:
+def read_config(path: str | Path) -> tuple[ModelArgs, Path | None]:
     """ModelArgs from a checkpoint directory or a config.json; also the directory to take
     tokenizer files from (None for a bare config file)."""
     p = Path(path)
@@ -163,7 +163,7 @@ def read_config(path: str | Path) -> tuple[ModelArgs, Optional[Path]]:
 
 
 def to_torch(
-    ckpt_dir: str | Path, out: str | Path, dtype: Optional[str] = None
+    ckpt_dir: str | Path, out: str | Path, dtype: str | None = None
 ) -> dict[str, torch.Tensor]:
     """MLX checkpoint directory -> torch state dict file (`.safetensors` or torch.save)."""
     out = Path(out)
@@ -192,7 +192,7 @@ def to_torch(
 
 
 def from_torch(
-    path: str | Path, config: str | Path, out: str | Path, dtype: Optional[str] = None
+    path: str | Path, config: str | Path, out: str | Path, dtype: str | None = None
 ) -> Any:
     """torch state dict file + config -> MLX checkpoint directory (config, weights, tokenizer)."""
     from mlx_model.model import Model
@@ -285,7 +285,7 @@ def run(a: argparse.Namespace) -> str:
     raise ConvertError("choose a conversion: --to-torch, --from-torch, --from-hf or --to-hf")
 
 
-def main(argv: Optional[list[str]] = None) -> None:
+def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     try:
         print(run(a))

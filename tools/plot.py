@@ -15,7 +15,9 @@ from pathlib import Path
 def read_metrics(run: Path) -> list[dict]:
     f = run / "metrics.jsonl"
     if not f.is_file():
-        raise FileNotFoundError(f"{f} not found: pass a directory written by python -m mlx_model.train")
+        raise FileNotFoundError(
+            f"{f} not found: pass a directory written by python -m mlx_model.train"
+        )
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
@@ -55,7 +57,11 @@ def plot(run: Path, out_dir: Path) -> list[Path]:
     if loads:
         fig, ax = plt.subplots(figsize=(6, 4))
         for i in range(len(loads[0]["expert_load"])):
-            ax.plot([r["step"] for r in loads], [r["expert_load"][i] for r in loads], label=f"MoE layer {i}")
+            ax.plot(
+                [r["step"] for r in loads],
+                [r["expert_load"][i] for r in loads],
+                label=f"MoE layer {i}",
+            )
         ax.axhline(1.0, color="gray", lw=0.8, ls="--")
         ax.set(xlabel="optimizer step", ylabel="max / mean expert load", title="expert balance")
         ax.legend(fontsize=8)

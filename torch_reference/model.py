@@ -14,7 +14,7 @@ Shapes: B batch, T tokens, D hidden, H heads, E routed experts, k experts per to
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -55,7 +55,7 @@ def causal_mask(T: int, offset: int = 0) -> torch.Tensor:
     return keys[None, :] <= (torch.arange(T) + offset)[:, None]
 
 
-def attention_mask(T: int, offset: int = 0, pad: Optional[torch.Tensor] = None) -> torch.Tensor:
+def attention_mask(T: int, offset: int = 0, pad: torch.Tensor | None = None) -> torch.Tensor:
     """Causal mask [1, 1, T, S], or [B, 1, T, S] hiding pad[b] left-padding keys of row b;
     a padding query still sees itself, so no softmax row is entirely masked."""
     mask = causal_mask(T, offset)[None, None]
@@ -68,7 +68,7 @@ def attention_mask(T: int, offset: int = 0, pad: Optional[torch.Tensor] = None) 
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: Optional[torch.Tensor]
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, mask: torch.Tensor | None
 ) -> torch.Tensor:
     """softmax(q k^T * scale) v; q [B,H,L,d], k [B,1|H,S,d], v [B,1|H,S,dv] -> [B,H,L,dv].
     Masked scores get the dtype's lowest finite value, so a fully masked row stays finite."""
@@ -130,7 +130,7 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(r, H * (d_n + d_v), bias=False)
         self.o_proj = nn.Linear(H * d_v, D, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         a = self.args
         B, T, _ = x.shape
         H, d_n, d_r, d_v = (
@@ -170,7 +170,7 @@ class MQA(nn.Module):
         self.v_proj = nn.Linear(D, hd, bias=False)
         self.o_proj = nn.Linear(H * hd, D, bias=False)
 
-    def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
         q = (
             self.q_proj(x).view(B, T, self.args.num_attention_heads, -1).transpose(1, 2)
@@ -313,8 +313,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(args, args.hidden_size)
 
     def forward(
-        self, x: torch.Tensor, mask: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, Optional[Routing]]:
+        self, x: torch.Tensor, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, Routing | None]:
         h = x + self.self_attn(self.input_layernorm(x), mask)
         y = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
@@ -359,7 +359,7 @@ class Model(nn.Module):
             )
         init_weights(self, args)
 
-    def forward(self, inputs: torch.Tensor, mask: Optional[torch.Tensor] = None):
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor | None = None):
         """inputs [B, T] ids -> (logits [B, T, V], last hidden state before the final norm
         [B, T, D], routing of each MoE layer). mask None = causal; else bool [B|1, 1, T, T]."""
         T = inputs.shape[1]
