@@ -35,6 +35,7 @@ from .data import Tokenizer
 from .loss import LossTerms, loss_terms, summed_cross_entropy, update_bias
 from .model import Model
 from .optim import clip_by_global_norm, make_optimizer, make_schedule
+from .train_config import TrainConfig
 
 
 def auto_lanes(batch_size: int, accum: int) -> int:
@@ -61,12 +62,12 @@ class Trainer:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: TrainConfig,
         args: ModelArgs,
         model: Model,
-        group: Any = None,
+        group: mx.distributed.Group | None = None,
         optimizer_state: dict | None = None,
-    ):
+    ) -> None:
         self.cfg, self.args, self.model = cfg, args, model
         self.group = group
         self.world = group.size() if group is not None else 1

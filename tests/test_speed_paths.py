@@ -24,7 +24,8 @@ from mlx_model.layers import swiglu
 from mlx_model.loss import cross_entropy
 from mlx_model.model import Model
 from mlx_model.moe import Experts
-from mlx_model.train import TrainConfig, Trainer
+from mlx_model.train_config import TrainConfig
+from mlx_model.trainer import Trainer
 
 TOL = 1e-5
 

@@ -19,8 +19,8 @@ from mlx_model import checkpoint as ckpt
 from mlx_model.config import preset
 from mlx_model.loss import cross_entropy, loss_terms, moe_layers, update_bias
 from mlx_model.model import Model
-from mlx_model.train import TrainConfig, Trainer
-from mlx_model.trainer import lane_units
+from mlx_model.train_config import TrainConfig
+from mlx_model.trainer import Trainer, lane_units
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -477,3 +477,18 @@ def test_bad_inputs_exit_2(tmp_path, corpus):
         (broken / name).write_bytes(data[: len(data) // 2] if name == "model.safetensors" else data)
     bad(run_train(*out, "--data", str(corpus), "--init-from", str(broken)), "model.safetensors")
     assert {p.name: p.read_bytes() for p in good.iterdir()} == snapshot
+
+
+def test_cli_flags_have_help_and_real_types():
+    from mlx_model.train import build_parser, resolve
+
+    p = build_parser()
+    missing = [a.dest for a in p._actions if a.dest != "help" and not a.help]
+    assert not missing, f"flags without --help text: {missing}"
+    cfg, args = resolve(
+        ["--preset", "tiny", "--compile", "false", "--lr", "2e-3", "--data", "a.txt", "b.txt"]
+        + ["--q-lora-rank", "none", "--accum", "3", "--norm-topk-prob", "no"]
+    )
+    assert (cfg.compile, cfg.lr, cfg.data, cfg.accum) == (False, 2e-3, ["a.txt", "b.txt"], 3)
+    assert args.q_lora_rank is None and args.norm_topk_prob is False
+    assert cfg.batch_size == 8  # the tiny training preset

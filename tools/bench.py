@@ -137,11 +137,11 @@ def interleave(procs: list[Proc], repeats: int) -> dict[str, list[dict]]:
 def bench(a: argparse.Namespace) -> dict:
     from mlx.utils import tree_flatten
 
-    from mlx_model.train import PRESET_TRAINING
+    from mlx_model.train_config import training_preset
 
     tr = {"batch_size": 16, "seq_len": 128, "accum": 1} | {
         k: v
-        for k, v in PRESET_TRAINING.get(a.preset, {}).items()
+        for k, v in training_preset(a.preset).items()
         if k in ("batch_size", "seq_len", "accum")
     }
     for k in ("batch_size", "seq_len", "accum"):

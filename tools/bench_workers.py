@@ -159,7 +159,9 @@ class TrainWorker:
         import mlx.core as mx
 
         from mlx_model.checkpoint import load_model
-        from mlx_model.train import TrainConfig, Trainer, pick_dtype
+        from mlx_model.train import pick_dtype
+        from mlx_model.train_config import TrainConfig
+        from mlx_model.trainer import Trainer
 
         s = self.spec
         cfg = TrainConfig(
