@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", nargs="+", required=True, help="text files, directories or .jsonl")
     p.add_argument("--text-field", default="text", help="field read from .jsonl lines")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per scored window")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="windows scored per forward pass")
     a = p.parse_args(argv)
     try:
         require_dir(a.model)

@@ -311,14 +311,19 @@ def main(argv: list[str] | None = None) -> None:
 
     _blas.ensure_fast_blas()
     p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__.split("\n")[0])
-    p.add_argument("cmd", choices=["train", "generate"])
-    p.add_argument("--preset", default="small", choices=["tiny", "small", "seed"])
+    p.add_argument("cmd", choices=["train", "generate"], help="what to measure")
+    p.add_argument(
+        "--preset",
+        default="small",
+        choices=["tiny", "small", "seed"],
+        help="model and batch preset",
+    )
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs per contender (compile)")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seq-len", type=int)
-    p.add_argument("--accum", type=int)
+    p.add_argument("--batch-size", type=int, help="rows per micro-batch (default: the preset's)")
+    p.add_argument("--seq-len", type=int, help="tokens per row (default: the preset's)")
+    p.add_argument("--accum", type=int, help="micro-batches per optimizer step (default: preset)")
     p.add_argument(
         "--dtype",
         default="float32",
@@ -332,8 +337,8 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="our trainer's parallel CPU lanes (default 0: its automatic choice; 1: one stream)",
     )
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=128, help="generate: prompt tokens")
+    p.add_argument("--new-tokens", type=int, default=256, help="generate: tokens decoded")
     p.add_argument("--only", nargs="+", choices=list(NAMES), help="contenders to run")
     p.add_argument(
         "--mlx-blas-threads",
