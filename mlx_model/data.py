@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import sentencepiece as spm
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+from .checkpoint import write_dir
 
 EOS_TOKEN = "<|endoftext|>"
 CACHE_VERSION = 2  # 2: BPE tokenizer.json prepends <|endoftext|> for transformers/mlx-lm
@@ -307,21 +307,15 @@ def prepare_data(
     n_val = int(np.ceil(len(ids) * val_fraction))
     train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
 
-    # Write everything into a temporary directory, then rename it into place in one step.
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
-    try:
+    def fill(tmp: Path) -> None:
         tok.save(str(tmp))
         np.save(tmp / "train.npy", train)
         np.save(tmp / "val.npy", val)
         meta = dict(data=data, tokenizer=tokenizer, documents=len(texts), train=len(train))
         (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
-        os.replace(tmp, final)
-    except OSError:
-        if not final.is_dir():  # not a lost race with another writer: a real failure
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    # Built in a temporary directory, renamed into place in one step (a lost race keeps theirs).
+    write_dir(final, fill, merge=False)
     return tok, train, val
 
 

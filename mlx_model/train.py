@@ -25,7 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_map, tree_unflatten
+from mlx.utils import tree_flatten, tree_unflatten
 
 import mlx_model  # noqa: F401  (loads a fast BLAS before MLX)
 
@@ -33,7 +33,7 @@ from . import checkpoint as ckpt
 from .config import ConfigError, ModelArgs, preset
 from .data import DataError, Tokenizer, eval_batches, get_batch, prepare_data
 from .distributed import DistributedError, Watchdog, all_sum_or_fail, init_group
-from .loss import moe_layers
+from .hf import CONFIG_EXTRAS
 from .model import Model
 from .train_config import (  # noqa: F401  (TrainConfig, PRESET_TRAINING also imported from here)
     DEFAULT_OUT,
@@ -45,16 +45,6 @@ from .train_config import (  # noqa: F401  (TrainConfig, PRESET_TRAINING also im
     training_preset,
 )
 from .trainer import Trainer  # noqa: F401  (also imported from here)
-
-# config.json keys that are not ModelArgs fields but may appear in a --config file
-_CONFIG_JSON_EXTRAS = {
-    "architectures",
-    "rope_parameters",
-    "head_dim",
-    "torch_dtype",
-    "hf_compatible",
-    "hf_incompatible_because",
-}
 
 
 # --------------------------------------------------------------------------- config
@@ -95,7 +85,7 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, ModelArgs]:
             file_cfg = json.loads(Path(ns["config"]).read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise TrainError(f"cannot read --config {ns['config']}: {e}") from None
-        unknown = set(file_cfg) - train_keys - model_keys - _CONFIG_JSON_EXTRAS
+        unknown = set(file_cfg) - train_keys - model_keys - set(CONFIG_EXTRAS)
         if unknown:
             raise TrainError(
                 f"--config {ns['config']}: unknown keys {sorted(unknown)}; "
@@ -222,10 +212,7 @@ def build_model(cfg: TrainConfig, args: ModelArgs) -> Model:
     else:
         model = Model(args)
         if dtype != mx.float32:
-            model.update(tree_map(lambda p: p.astype(dtype), model.parameters()))
-            for layer in moe_layers(model):
-                gate = layer.gate
-                gate.e_score_correction_bias = gate.e_score_correction_bias.astype(mx.float32)
+            ckpt.cast_model(model, dtype)
     model.train()
     mx.eval(model.parameters())
     return model

@@ -16,7 +16,7 @@ from mlx.utils import tree_flatten, tree_map
 from safetensors import safe_open
 
 from conftest import TOL_LOGITS, assert_close, mqa_args, tiny_args
-from mlx_model.checkpoint import load_model, save_model
+from mlx_model.checkpoint import load_model, save_model, write_config
 from mlx_model.loss import moe_layers
 from mlx_model.model import Model as MLXModel
 from tools import convert
@@ -219,7 +219,7 @@ def test_bad_checkpoint_dirs(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "noweights").mkdir()
     save_cfg = tiny_args()
-    save_cfg.save(tmp_path / "noweights" / "config.json")
+    write_config(tmp_path / "noweights", save_cfg)
     src = make_checkpoint(tmp_path / "src", tiny_args())
     before = sorted(os.listdir(tmp_path))
     for argv, needle in [
@@ -279,7 +279,7 @@ def test_bad_checkpoint_dirs(tmp_path, capsys):
 def test_mismatched_shapes_in_checkpoint(tmp_path, capsys):
     """A checkpoint whose config.json does not match its weights: the key is named."""
     src = make_checkpoint(tmp_path / "src", tiny_args())
-    tiny_args(intermediate_size=96).save(src / "config.json")
+    write_config(src, tiny_args(intermediate_size=96))
     code, _, err = run_cli("--to-torch", str(src), "--out", str(tmp_path / "a.pt"), capsys=capsys)
     assert code == 2 and "model.layers.0.mlp" in err and "shape" in err, err
     assert not (tmp_path / "a.pt").exists()

@@ -5,6 +5,9 @@
 - No two modules of the project define the same top-level function name with the same body
   (one concept, one place); the MLX model and its torch twin are independent on purpose and are
   compared only against themselves.
+- No import cycle among the modules of mlx_model/, torch_reference/ and tools/ (read with `ast`;
+  imports inside functions count), and the name-mapping layer (hf.py) never imports the
+  checkpoint layer.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("mlx_model", "torch_reference", "tools")
 
 # Every `python -m X` entry point of the project.
 CLIS = [
@@ -104,3 +108,89 @@ def test_no_function_defined_twice():
                     dupes.append(f"{side}: {name} in {seen[key].name} and {f.name}")
                 seen[key] = f
     assert not dupes, "\n".join(dupes)
+
+
+# ------------------------------------------------------------------- import cycles
+def project_modules() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the project's packages."""
+    mods = {}
+    for pkg in PACKAGES:
+        for f in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(f.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            mods[".".join(parts)] = f
+    return mods
+
+
+def imports_of(name: str, path: Path, mods: dict[str, Path]) -> set[str]:
+    """Project modules that `name` imports anywhere in its body (in functions too)."""
+    is_pkg = path.name == "__init__.py"
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's package, up level - 1 packages
+                pkg = name.split(".") if is_pkg else name.split(".")[:-1]
+                pkg = pkg[: len(pkg) - (node.level - 1)]
+                base = ".".join(pkg + ([base] if base else []))
+            # `from pkg import sub` imports the submodule sub; `from mod import f` imports mod
+            targets = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in mods else base for a in node.names
+            ]
+        else:
+            continue
+        out.update(t for t in targets if t in mods and t != name)
+    return out
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the directed graph as [a, b, ..., a], or None."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 finished
+    path: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        path.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return path[path.index(m) :] + [m]
+            if m not in state and (found := visit(m)) is not None:
+                return found
+        path.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state and (found := visit(n)) is not None:
+            return found
+    return None
+
+
+def test_cycle_finder_sees_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_relative_imports_resolve(tmp_path):
+    mods = {"p": tmp_path / "__init__.py", "p.a": tmp_path / "a.py", "p.b": tmp_path / "b.py"}
+    mods["p.a"].write_text("def f():\n    from . import b\n    from .b import g\n")
+    mods["p"].write_text("from .a import f\n")
+    assert imports_of("p.a", mods["p.a"], mods) == {"p.b"}
+    assert imports_of("p", mods["p"], mods) == {"p.a"}
+
+
+def test_no_import_cycle():
+    mods = project_modules()
+    assert {"mlx_model.checkpoint", "mlx_model.hf", "tools.convert"} <= set(mods)
+    graph = {name: imports_of(name, path, mods) for name, path in mods.items()}
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
+
+
+def test_mapping_layer_never_imports_the_checkpoint_layer():
+    mods = project_modules()
+    assert imports_of("mlx_model.hf", mods["mlx_model.hf"], mods) == {"mlx_model.config"}
+    assert imports_of("mlx_model.config", mods["mlx_model.config"], mods) == set()

@@ -137,6 +137,7 @@ def interleave(procs: list[Proc], repeats: int) -> dict[str, list[dict]]:
 def bench(a: argparse.Namespace) -> dict:
     from mlx.utils import tree_flatten
 
+    from mlx_model.hf import hf_incompatibility
     from mlx_model.train_config import training_preset
 
     tr = {"batch_size": 16, "seq_len": 128, "accum": 1} | {
@@ -151,8 +152,8 @@ def bench(a: argparse.Namespace) -> dict:
     model = make_checkpoint(a.preset, tmp.name, {})
     args = model.args
     names = [n for n in (a.only or NAMES)]
-    if args.hf_incompatibility() is not None and "mlx_lm" in names:
-        print(f"mlx_lm skipped: {args.hf_incompatibility()}", file=sys.stderr)
+    if hf_incompatibility(args) is not None and "mlx_lm" in names:
+        print(f"mlx_lm skipped: {hf_incompatibility(args)}", file=sys.stderr)
         names.remove("mlx_lm")
     if a.cmd == "generate":
         names = [n for n in names if n != "torch_reference"]  # the twin has no KV cache

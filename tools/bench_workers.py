@@ -193,13 +193,13 @@ class TrainWorker:
         import numpy as np
         import torch
 
-        from mlx_model.checkpoint import read_safetensors, stack_experts
-        from mlx_model.config import ModelArgs
+        from mlx_model.checkpoint import load_args, read_safetensors
+        from mlx_model.hf import stack_experts
         from torch_reference.loss import loss_terms, make_optimizer, update_bias
         from torch_reference.model import Model
 
         torch.set_num_threads(os.cpu_count() or 1)
-        args = ModelArgs.from_dict(self.config)
+        args = load_args(ckpt)
         torch.manual_seed(0)
         self.model = Model(args)
         w = stack_experts(

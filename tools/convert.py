@@ -12,17 +12,15 @@ Both twins use the same weight names (SPEC section 2), so conversion moves tenso
 
 Dtypes are kept unless --dtype asks for a cast, which leaves the routing bias as it is (float32).
 Bad input ends with a one-line `error: ...` on stderr naming the offending key, exit status 2,
-and nothing written: outputs go to a temporary name first and are moved into place at the end.
+and nothing written. Every on-disk rule (temporary names, the routing bias dtype, the MTP side
+file, tokenizer files, config.json) is `mlx_model.checkpoint`'s; name mapping is
+`mlx_model.hf`'s; this module only moves tensors between MLX and torch, plus the CLI.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +29,12 @@ import numpy as np
 import torch
 from mlx.utils import tree_flatten
 
-from mlx_model.checkpoint import CheckpointError, check_shapes, load_args, load_model, save_model
+from mlx_model import checkpoint as ckpt
+from mlx_model.checkpoint import CheckpointError
 from mlx_model.config import ConfigError, ModelArgs
 
 DTYPES = ("float32", "bfloat16", "float16")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "tokenizer.model",
-    "special_tokens_map.json",
-)
-BIAS = "e_score_correction_bias"  # routing bias: float32 whatever the weights' dtype
 
 
 class ConvertError(ValueError):
@@ -65,33 +57,13 @@ def torch_to_mx(t: torch.Tensor) -> mx.array:
     return mx.array(t.numpy())
 
 
-def cast_mx(weights: dict[str, mx.array], dtype: str | None) -> dict[str, mx.array]:
-    """Cast every weight but the routing bias to `dtype` (None: unchanged)."""
-    if dtype is None:
-        return weights
-    d = getattr(mx, dtype)
-    return {k: v if BIAS in k else v.astype(d) for k, v in weights.items()}
-
-
-def cast_torch(state: dict[str, torch.Tensor], dtype: str | None) -> dict[str, torch.Tensor]:
-    if dtype is None:
-        return state
-    d = getattr(torch, dtype)
-    return {k: v if BIAS in k else v.to(d) for k, v in state.items()}
-
-
 # -------------------------------------------------------------------- library API
 def mlx_to_torch_state(model: Any, dtype: str | None = None) -> dict[str, torch.Tensor]:
     """An MLX Model -> a torch_reference.model.Model state dict (same names, stacked experts)."""
-    weights = cast_mx(dict(tree_flatten(model.parameters())), dtype)
+    weights = dict(tree_flatten(model.parameters()))
+    if dtype is not None:  # the routing bias stays as it is
+        weights = ckpt.cast_weights(weights, lambda v: v.astype(getattr(mx, dtype)))
     return {k: mx_to_torch(v) for k, v in weights.items()}
-
-
-def expected_shapes(args: ModelArgs) -> dict[str, tuple]:
-    """Weight name -> shape of the MLX Model for `args` (MLX is lazy: nothing is computed)."""
-    from mlx_model.model import Model
-
-    return {k: tuple(v.shape) for k, v in tree_flatten(Model(args).parameters())}
 
 
 def torch_to_mlx_weights(
@@ -105,16 +77,18 @@ def torch_to_mlx_weights(
     for k, v in state.items():
         if not isinstance(v, torch.Tensor):
             raise ConvertError(f"{where}: entry {k} is a {type(v).__name__}, not a tensor")
-    check_shapes(expected_shapes(args), state, where)
-    state = cast_torch(state, dtype)
+    ckpt.check_shapes(ckpt.expected_shapes(args), state, where)
+    if dtype is not None:  # the routing bias stays as it is
+        state = ckpt.cast_weights(state, lambda v: v.to(getattr(torch, dtype)))
     for k, v in state.items():
-        if v.dtype == torch.float64 and BIAS not in k:
+        if v.dtype == torch.float64 and ckpt.ROUTING_BIAS not in k:
             raise ConvertError(
                 f"{where}: weight {k} is float64, which MLX checkpoints do not hold; "
                 "pass --dtype float32"
             )
-    # A float64 twin's routing bias becomes float32 (as MLX keeps it); other dtypes stay.
-    return {k: torch_to_mx(v.float() if v.dtype == torch.float64 else v) for k, v in state.items()}
+    # The routing bias becomes float32 (a float64 twin's too); other weights keep their dtype.
+    state = ckpt.cast_weights(state, lambda v: v, lambda v: v.float())
+    return {k: torch_to_mx(v) for k, v in state.items()}
 
 
 def load_mlx_from_torch(
@@ -147,21 +121,6 @@ def read_torch_state(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_config(path: str | Path) -> tuple[ModelArgs, Path | None]:
-    """ModelArgs from a checkpoint directory or a config.json; also the directory to take
-    tokenizer files from (None for a bare config file)."""
-    p = Path(path)
-    if p.is_dir():
-        return load_args(p), p
-    if not p.is_file():
-        raise ConvertError(f"--config {p}: no such file or directory")
-    try:
-        args = ModelArgs.from_dict(json.loads(p.read_text())).validate()
-    except (json.JSONDecodeError, ConfigError, TypeError) as e:
-        raise ConvertError(f"{p}: {e}") from None
-    return args, p.parent
-
-
 def to_torch(
     ckpt_dir: str | Path, out: str | Path, dtype: str | None = None
 ) -> dict[str, torch.Tensor]:
@@ -169,7 +128,7 @@ def to_torch(
     out = Path(out)
     if out.suffix not in TORCH_SUFFIXES:
         raise ConvertError(f"--out {out}: name a {'/'.join(TORCH_SUFFIXES)} file")
-    state = mlx_to_torch_state(load_model(ckpt_dir), dtype)  # load_model checks names and shapes
+    state = mlx_to_torch_state(ckpt.load_model(ckpt_dir), dtype)  # checks names and shapes
 
     def write(tmp: str) -> None:
         if out.suffix == ".safetensors":
@@ -180,14 +139,7 @@ def to_torch(
             torch.save(state, tmp)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-{out.name}", dir=out.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    ckpt.atomic_write(out, write)
     return state
 
 
@@ -200,29 +152,21 @@ def from_torch(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConvertError(f"--out {out} exists and is not a directory")
-    args, tok_dir = read_config(config)
+    config = Path(config)
+    if not config.exists():
+        raise ConvertError(f"--config {config}: no such file or directory")
+    args = ckpt.load_args(config)  # a checkpoint directory or a config.json
     state = read_torch_state(path)
-    if args.num_nextn_predict_layers and not any(k.startswith("mtp.") for k in state):
-        args = args.replace(num_nextn_predict_layers=0)  # no MTP weights: as load_model does
+    args = ckpt.fit_mtp(args, state)
     weights = torch_to_mlx_weights(state, args, dtype, where=str(path))
     model = Model(args)
     model.load_weights(list(weights.items()), strict=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}", dir=out.parent))
-    try:
-        save_model(tmp, model)
-        for name in TOKENIZER_FILES if tok_dir is not None else ():
-            if (tok_dir / name).is_file():
-                shutil.copy2(tok_dir / name, tmp / name)
-        if not out.exists():
-            os.replace(tmp, out)
-        else:  # an existing directory: replace our files in it, leave the rest
-            if not (tmp / "mtp.safetensors").exists() and (out / "mtp.safetensors").exists():
-                (out / "mtp.safetensors").unlink()  # stale: would not match the new config
-            for f in tmp.iterdir():
-                os.replace(f, out / f.name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    def fill(tmp: Path) -> None:  # tokenizer files from the config's directory
+        ckpt.save_model(tmp, model)
+        ckpt.copy_side_files(config if config.is_dir() else config.parent, tmp)
+
+    ckpt.write_dir(out, fill, stale=(ckpt.MTP, ckpt.INDEX))  # existing dir: other files stay
     return model
 
 
@@ -276,9 +220,7 @@ def run(a: argparse.Namespace) -> str:
         n = sum(v.size for _, v in flat)
         return f"wrote {a.out}: {len(flat)} tensors, {n:,} numbers (config.json, model.safetensors)"
     if a.from_hf is not None or a.to_hf is not None:
-        from mlx_model.hf import export_hf, import_hf
-
-        convert = import_hf if a.from_hf is not None else export_hf
+        convert = ckpt.import_hf if a.from_hf is not None else ckpt.export_hf
         model = convert(a.from_hf or a.to_hf, a.out, getattr(mx, a.dtype) if a.dtype else None)
         n = sum(v.size for _, v in tree_flatten(model.parameters()))
         return f"wrote {a.out}: {n:,} numbers (config.json, model.safetensors, tokenizer files)"
