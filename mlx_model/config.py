@@ -27,8 +27,8 @@ HF_MODEL_TYPE = "deepseek_v3"
 OWN_MODEL_TYPE = "mlx_deepseek"
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with its help text (read by `--help` of the train CLI)."""
+def help_field(default: Any, help: str) -> Any:  # noqa: A002  (the argparse word)
+    """A dataclass field with its help text (read by `--help` of the CLIs)."""
     return field(default=default, metadata={"help": help})
 
 
@@ -38,63 +38,67 @@ class ModelArgs:
     every field. Fields up to eos_token_id are Hugging Face `deepseek_v3` keys; the rest are
     our own (mlx-lm and transformers ignore them)."""
 
-    model_type: str = _f(HF_MODEL_TYPE, "model family; only deepseek_v3")
-    vocab_size: int = _f(4096, "token vocabulary size")
-    hidden_size: int = _f(256, "model width")
-    intermediate_size: int = _f(768, "hidden width of the dense SwiGLU MLP (first layers)")
-    moe_intermediate_size: int = _f(
+    model_type: str = help_field(HF_MODEL_TYPE, "model family; only deepseek_v3")
+    vocab_size: int = help_field(4096, "token vocabulary size")
+    hidden_size: int = help_field(256, "model width")
+    intermediate_size: int = help_field(768, "hidden width of the dense SwiGLU MLP (first layers)")
+    moe_intermediate_size: int = help_field(
         256, "hidden width of each routed expert (shared experts: times n_shared_experts)"
     )
-    num_hidden_layers: int = _f(4, "number of transformer blocks")
-    num_attention_heads: int = _f(4, "attention heads")
-    num_key_value_heads: int = _f(4, "key/value heads (= num_attention_heads for MLA)")
-    q_lora_rank: int | None = _f(
+    num_hidden_layers: int = help_field(4, "number of transformer blocks")
+    num_attention_heads: int = help_field(4, "attention heads")
+    num_key_value_heads: int = help_field(4, "key/value heads (= num_attention_heads for MLA)")
+    q_lora_rank: int | None = help_field(
         None, "null: plain q_proj; else q_a_proj -> RMSNorm -> q_b_proj of this rank"
     )
-    kv_lora_rank: int = _f(64, "width of the cached latent c_kv (MLA)")
-    qk_nope_head_dim: int = _f(32, "per-head query/key width without RoPE (MLA)")
-    qk_rope_head_dim: int = _f(16, "per-head query/key width with RoPE (MLA)")
-    v_head_dim: int = _f(32, "per-head value width (MLA)")
-    n_routed_experts: int = _f(8, "routed experts per MoE layer (0 = dense model)")
-    n_shared_experts: int = _f(1, "shared experts per MoE layer")
-    num_experts_per_tok: int = _f(2, "routed experts per token (top-k)")
-    n_group: int = _f(1, "expert groups for group-limited routing")
-    topk_group: int = _f(1, "groups kept per token (group-limited routing)")
-    first_k_dense_replace: int = _f(1, "the first k layers use the dense MLP")
-    norm_topk_prob: bool = _f(True, "normalise the top-k routing weights to sum to 1")
-    routed_scaling_factor: float = _f(1.0, "scale of the routed experts' output")
-    scoring_func: str = _f("sigmoid", "router scores: sigmoid (V3) or softmax (V2 / the seed)")
-    topk_method: str = _f("noaux_tc", "expert choice: noaux_tc (top-k of score + routing bias)")
-    moe_layer_freq: int = _f(1, "every k-th layer (past the dense ones) is MoE")
-    rms_norm_eps: float = _f(1e-6, "epsilon of the norms")
-    attention_bias: bool = _f(False, "biases in the attention projections (unsupported)")
-    hidden_act: str = _f("silu", "MLP activation (only silu)")
-    tie_word_embeddings: bool = _f(False, "share embedding and output head (unsupported)")
-    max_position_embeddings: int = _f(512, "longest sequence (RoPE table size)")
-    rope_theta: float = _f(10000.0, "RoPE base")
-    rope_scaling: dict | None = _f(None, "RoPE scaling (YaRN) dict; unsupported, keep null")
-    rope_interleave: bool = _f(True, "interleaved RoPE, as DeepSeek (only true)")
-    num_nextn_predict_layers: int = _f(0, "multi-token prediction depth D (0 = off)")
-    bos_token_id: int | None = _f(None, "beginning-of-text token id")
-    eos_token_id: int | None = _f(None, "end-of-text token id")
+    kv_lora_rank: int = help_field(64, "width of the cached latent c_kv (MLA)")
+    qk_nope_head_dim: int = help_field(32, "per-head query/key width without RoPE (MLA)")
+    qk_rope_head_dim: int = help_field(16, "per-head query/key width with RoPE (MLA)")
+    v_head_dim: int = help_field(32, "per-head value width (MLA)")
+    n_routed_experts: int = help_field(8, "routed experts per MoE layer (0 = dense model)")
+    n_shared_experts: int = help_field(1, "shared experts per MoE layer")
+    num_experts_per_tok: int = help_field(2, "routed experts per token (top-k)")
+    n_group: int = help_field(1, "expert groups for group-limited routing")
+    topk_group: int = help_field(1, "groups kept per token (group-limited routing)")
+    first_k_dense_replace: int = help_field(1, "the first k layers use the dense MLP")
+    norm_topk_prob: bool = help_field(True, "normalise the top-k routing weights to sum to 1")
+    routed_scaling_factor: float = help_field(1.0, "scale of the routed experts' output")
+    scoring_func: str = help_field(
+        "sigmoid", "router scores: sigmoid (V3) or softmax (V2 / the seed)"
+    )
+    topk_method: str = help_field(
+        "noaux_tc", "expert choice: noaux_tc (top-k of score + routing bias)"
+    )
+    moe_layer_freq: int = help_field(1, "every k-th layer (past the dense ones) is MoE")
+    rms_norm_eps: float = help_field(1e-6, "epsilon of the norms")
+    attention_bias: bool = help_field(False, "biases in the attention projections (unsupported)")
+    hidden_act: str = help_field("silu", "MLP activation (only silu)")
+    tie_word_embeddings: bool = help_field(False, "share embedding and output head (unsupported)")
+    max_position_embeddings: int = help_field(512, "longest sequence (RoPE table size)")
+    rope_theta: float = help_field(10000.0, "RoPE base")
+    rope_scaling: dict | None = help_field(None, "RoPE scaling (YaRN) dict; unsupported, keep null")
+    rope_interleave: bool = help_field(True, "interleaved RoPE, as DeepSeek (only true)")
+    num_nextn_predict_layers: int = help_field(0, "multi-token prediction depth D (0 = off)")
+    bos_token_id: int | None = help_field(None, "beginning-of-text token id")
+    eos_token_id: int | None = help_field(None, "end-of-text token id")
     # --- our own keys (ignored by mlx-lm and transformers) ---
-    attention_type: str = _f(
+    attention_type: str = help_field(
         "mla",
         "mla (Multi-head Latent Attention) or mqa (the seed's multi-query attention: one K/V "
         "head of width hidden_size / heads, standard RoPE)",
     )
-    norm_type: str = _f("rmsnorm", "rmsnorm or layernorm (the seed's pre-LayerNorm)")
-    bias_update_speed: float = _f(
+    norm_type: str = help_field("rmsnorm", "rmsnorm or layernorm (the seed's pre-LayerNorm)")
+    bias_update_speed: float = help_field(
         0.001, "gamma of the auxiliary-loss-free routing-bias update (0 = off)"
     )
-    balance_loss_alpha: float = _f(1e-4, "weight of the sequence-wise balance loss")
-    capacity_factor: float = _f(
+    balance_loss_alpha: float = help_field(1e-4, "weight of the sequence-wise balance loss")
+    capacity_factor: float = help_field(
         0.0,
         "0 = no dropping; else each expert takes at most ceil(cf * k * T / E) tokens of each "
         "sequence (earlier tokens first) in training",
     )
-    mtp_loss_weight: float = _f(0.3, "lambda of the MTP loss (divided by D)")
-    init_std: float = _f(0.02, "standard deviation of the random weight initialisation")
+    mtp_loss_weight: float = help_field(0.3, "lambda of the MTP loss (divided by D)")
+    init_std: float = help_field(0.02, "standard deviation of the random weight initialisation")
 
     # ------------------------------------------------------------------ derived
     @property

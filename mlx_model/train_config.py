@@ -14,19 +14,16 @@ import dataclasses
 import types
 import typing
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .config import help_field as _f
 
 DEFAULT_OUT = "weights/deepseek-small"
 
 
 class TrainError(ValueError):
     """Bad training input: one line naming the problem and the fix."""
-
-
-def _f(default: Any, help: str) -> Any:  # noqa: A002  (the argparse word)
-    """A dataclass field with its CLI help text."""
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
