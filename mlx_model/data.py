@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -20,100 +20,44 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from .checkpoint import write_dir
+from .sources import Corpus, DataError
+from .store import (
+    TokenWriter,
+    disk_error,
+    open_store,
+    progress_bar,
+    store_dtype,
+    write_meta,
+    write_tokens,
+)
+
+__all__ = ["DataError", "Tokenizer", "eval_batches", "get_batch", "load_texts", "prepare_data"]
 
 EOS_TOKEN = "<|endoftext|>"
-CACHE_VERSION = 2  # 2: BPE tokenizer.json prepends <|endoftext|> for transformers/mlx-lm
+# 2: BPE tokenizer.json prepends <|endoftext|> for transformers/mlx-lm.
+# 3: streaming preparation: one memory-mapped tokens.bin (uint16 when the vocabulary fits) and
+#    a BPE trained on a sample of at most TOKENIZER_SAMPLE_BYTES; for the built-in corpus (and
+#    any corpus up to that size) the token stream is the same as version 2's.
+CACHE_VERSION = 3
+TOKENIZER_SAMPLE_BYTES = 32 << 20  # BPE merges for a few thousand tokens settle long before
 VERY_LARGE_INTEGER = int(1e30)  # transformers' "no length limit" value for model_max_length
-_DATA_FIX = "pass --data with .txt/.md files, a directory of them, or .jsonl with a 'text' field"
 # Tried in order when a tokenizer.json comes without a tokenizer_config.json naming its eos.
 _EOS_CANDIDATES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>", "<|im_end|>")
 
 
-class DataError(ValueError):
-    """Bad data or tokenizer input; the message is one line naming the problem and the fix."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading text
-
-
-def _default_corpus() -> list[str]:
-    """Python's own pydoc topic texts (~0.5 MB of English), one document per topic."""
-    from pydoc_data.topics import topics
-
-    return [topics[k] for k in sorted(topics)]
-
-
-def _expand(paths: list[str]) -> list[tuple[Path, bool]]:
-    """(file, explicit) pairs; directories are walked sorted, hidden entries skipped."""
-    files: list[tuple[Path, bool]] = []
-    for p in map(Path, paths):
-        if p.is_file():
-            files.append((p, True))
-        elif p.is_dir():
-            found = []
-            for root, dirs, names in os.walk(p):
-                dirs[:] = [d for d in dirs if not d.startswith(".")]  # prune hidden dirs
-                found += [Path(root) / n for n in names if not n.startswith(".")]
-            files += [(f, False) for f in sorted(found)]
-        else:
-            raise DataError(f"data path {p} does not exist: {_DATA_FIX}")
-    return files
-
-
-def _read_jsonl(path: Path, text: str, text_field: str) -> list[str]:
-    """The `text_field` string of each JSON object line; blank lines are skipped."""
-    docs = []
-    for n, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{where}: invalid JSON ({e.msg}): write one JSON object per line"
-            ) from None
-        if not isinstance(obj, dict):
-            raise DataError(f"{where}: not a JSON object: write one JSON object per line")
-        if text_field not in obj:
-            keys = ", ".join(map(str, list(obj)[:8])) or "none"
-            raise DataError(f"{where}: no {text_field!r} field (keys: {keys}): use --text-field")
-        if not isinstance(obj[text_field], str):
-            raise DataError(f"{where}: {text_field!r} is not a string: store the text as a string")
-        docs.append(obj[text_field])
-    return docs
-
-
-def _read_file(path: Path, explicit: bool, text_field: str) -> list[str]:
-    """Documents in one file: the whole file, or one per line of a .jsonl file."""
-    raw = path.read_bytes()
-    if b"\0" in raw[:8192]:
-        if not explicit:
-            return []  # a binary file inside a data directory: not text, skip it
-        raise DataError(f"{path} is a binary file, not text: {_DATA_FIX}")
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        msg = f"{path} is not UTF-8 (bad byte at offset {e.start})"
-        raise DataError(f"{msg}: convert it to UTF-8 or remove it from --data") from None
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path, text, text_field)
-    return [text]
-
-
 def load_texts(paths: list[str] | None, text_field: str = "text") -> list[str]:
-    """Documents from files, directories and .jsonl files; None or [] -> Python's pydoc text.
+    """All documents of `paths` in memory (see sources.Corpus); None or [] -> pydoc's text.
 
+    For small inputs (evaluation, tests); training streams through `prepare_data` instead.
     Whitespace-only documents are dropped; raises DataError when nothing is left, or on a
     missing path, a binary or non-UTF-8 file, or a bad .jsonl line.
     """
-    if not paths:
-        return _default_corpus()
-    docs = [d for f, explicit in _expand(paths) for d in _read_file(f, explicit, text_field)]
-    docs = [d for d in docs if d.strip()]
-    if not docs:
-        raise DataError(f"no text found in {', '.join(paths)}: {_DATA_FIX}")
+    docs, parts = [], []
+    for piece, end, _ in Corpus(paths, text_field).pieces():
+        parts.append(piece)
+        if end:
+            docs.append("".join(parts))
+            parts = []
     return docs
 
 
@@ -156,7 +100,9 @@ class Tokenizer:
         """`encode` over many texts (in parallel for `tokenizers`)."""
         if self.is_sentencepiece:
             return self.backend.encode(texts)
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+        # encode_batch_fast skips character offsets: same ids, less work
+        encode = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int]) -> str:
         """Text of `ids`; the byte-level BPE gives back exactly the encoded text."""
@@ -225,8 +171,9 @@ class Tokenizer:
         return cls(backend, *(n.get("content") if isinstance(n, dict) else n for n in names))
 
 
-def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE; <|endoftext|> (id 0) is eos, bos and pad. Deterministic."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE on an iterable of texts (read once, as a stream);
+    <|endoftext|> (id 0) is eos, bos and pad. Deterministic."""
     if vocab_size < 256 + 1:
         raise DataError(f"vocab_size {vocab_size} < 257 (256 bytes + {EOS_TOKEN}): raise it")
     bpe = HFTokenizer(models.BPE())
@@ -238,7 +185,7 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte: no unknown tokens
         show_progress=False,
     )
-    bpe.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    bpe.train_from_iterator(texts, trainer=trainer)
     # transformers and mlx-lm encode with special tokens: start each text with <|endoftext|>,
     # as documents start in our packed training stream (and as mlx_model.generate does).
     # Our own `encode` passes add_special_tokens=False.
@@ -252,28 +199,28 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Token stream and cache
+# Token store and cache
 
 
-def _tokenize(tok: Tokenizer, texts: list[str], chunk: int = 1024) -> np.ndarray:
-    """All documents as one uint32 stream, eos after each document."""
-    if tok.eos_id is None:
-        raise DataError("the tokenizer has no end-of-text token: use a tokenizer with an eos token")
-    parts = []
-    for i in range(0, len(texts), chunk):
-        for ids in tok.encode_batch(texts[i : i + chunk]):
-            parts.append(np.asarray(ids + [tok.eos_id], dtype=np.uint32))
-    return np.concatenate(parts)
+def _sample(corpus: Corpus, budget: int, progress: bool) -> Iterable[str]:
+    """Pieces for tokenizer training: all of a corpus up to `budget` bytes; of a larger one,
+    pieces spread evenly over it (by bytes read) adding up to about `budget`."""
+    total = corpus.total_bytes()
+    with progress_bar("training tokenizer", total, progress) as bar:
+        taken = 0
+        for piece, _, pos in corpus.pieces():
+            bar.update(pos - bar.n)
+            if total is not None and total > budget and taken > pos * budget / total:
+                continue  # not this one: keep the sample spread over the corpus
+            yield piece
+            taken += len(piece)
+            if total is None and taken >= budget:
+                return  # a stream of unknown size: its first `budget` bytes
 
 
-def _cache_key(data: list[str] | None, texts: list[str] | None, *extra: object) -> str:
-    """sha256 over what the cached arrays depend on; files enter by path, size and mtime."""
-    if data:
-        stats = [(f.stat(), str(f.resolve())) for f, _ in _expand(data)]
-        source: object = [(name, st.st_size, st.st_mtime_ns) for st, name in stats]
-    else:
-        source = hashlib.sha256("\0".join(texts or []).encode()).hexdigest()
-    blob = json.dumps([CACHE_VERSION, source, *extra])
+def _cache_key(corpus: Corpus, *extra: object) -> str:
+    """sha256 over what the cached stream depends on; files enter by path, size and mtime."""
+    blob = json.dumps([CACHE_VERSION, corpus.signature(), *extra], default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -284,39 +231,49 @@ def prepare_data(
     cache_dir: str,
     val_fraction: float = 0.05,
     text_field: str = "text",
+    progress: bool = False,
 ) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
-    """Load text, train (or load) the tokenizer, pack and split tokens; cached on disk.
+    """Stream the text through the tokenizer into a token store; cached on disk.
 
-    The validation split is the last `val_fraction` of the packed stream. Returns
-    (tokenizer, train_ids, val_ids) with uint32 ids. A second call with the same inputs
-    loads `cache_dir/<key>/` instead of tokenizing (and training) again.
+    Trains a BPE on a sample of the corpus unless `tokenizer` is given. The validation split
+    is the last `val_fraction` of the packed stream. Returns (tokenizer, train_ids, val_ids):
+    read-only memory-mapped views (uint16 when the vocabulary fits, else uint32). A second
+    call with the same inputs opens `cache_dir/<key>/` instead of reading the text again.
+    Memory stays bounded whatever the corpus size; `progress` draws bars on stderr.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction {val_fraction} is outside [0, 1): pass e.g. 0.05")
-    texts = None if data else _default_corpus()
+    corpus = Corpus(data, text_field)
     tok = Tokenizer.load(tokenizer) if tokenizer else None
-    tok_id = tok.fingerprint() if tok else f"bpe-{vocab_size}"
-    final = Path(cache_dir) / _cache_key(data, texts, tok_id, val_fraction, text_field)
+    tok_id = tok.fingerprint() if tok else f"bpe-{vocab_size}-{TOKENIZER_SAMPLE_BYTES}"
+    final = Path(cache_dir) / _cache_key(corpus, tok_id, val_fraction)
     if final.is_dir():
-        train, val = np.load(final / "train.npy"), np.load(final / "val.npy")
-        return Tokenizer.load(str(final)), train, val
+        return (Tokenizer.load(str(final)), *open_store(final))
 
-    texts = texts or load_texts(data, text_field)
-    tok = tok or train_tokenizer(texts, vocab_size)
-    ids = _tokenize(tok, texts)
-    n_val = int(np.ceil(len(ids) * val_fraction))
-    train, val = ids[: len(ids) - n_val], ids[len(ids) - n_val :]
+    tok = tok or train_tokenizer(_sample(corpus, TOKENIZER_SAMPLE_BYTES, progress), vocab_size)
 
     def fill(tmp: Path) -> None:
-        tok.save(str(tmp))
-        np.save(tmp / "train.npy", train)
-        np.save(tmp / "val.npy", val)
-        meta = dict(data=data, tokenizer=tokenizer, documents=len(texts), train=len(train))
-        (tmp / "meta.json").write_text(json.dumps(meta) + "\n")
+        writer = TokenWriter(tmp, store_dtype(tok.vocab_size))
+        try:
+            documents = write_tokens(tok, corpus, writer, progress)
+        finally:
+            writer.close()
+        n = writer.count
+        n_val = int(np.ceil(n * val_fraction))
+        try:
+            tok.save(str(tmp))
+        except OSError as e:
+            raise disk_error(tmp, e) from None
+        meta = dict(
+            dtype=writer.dtype.name, tokens=n, train=n - n_val, documents=documents,
+            data=data, tokenizer=tokenizer, text_field=text_field,
+        )  # fmt: skip
+        write_meta(tmp, meta)
 
-    # Built in a temporary directory, renamed into place in one step (a lost race keeps theirs).
+    # Built in a temporary directory, renamed into place in one step (a lost race keeps theirs):
+    # a killed or failed preparation leaves no directory under the final name.
     write_dir(final, fill, merge=False)
-    return tok, train, val
+    return tok, *open_store(final)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -162,8 +162,14 @@ def _load_data(
     )
     if world > 1 and rank > 0:
         all_sum_or_fail(group, mx.array(0.0), "during start-up")
-    tok, train_ids, val_ids = prepare_data(
-        cfg.data, tok_src, args.vocab_size, cache_dir, cfg.val_fraction
+    tok, train_ids, val_ids = prepare_data(  # memory-mapped token store
+        cfg.data,
+        tok_src,
+        args.vocab_size,
+        cache_dir,
+        cfg.val_fraction,
+        cfg.text_field,
+        progress=cfg.progress and rank == 0,
     )
     if world > 1:
         if rank == 0:

@@ -33,9 +33,11 @@ class TrainConfig:
     preset: str = _f("small", "model and training defaults: a name from mlx_model.config.PRESETS")
     config: str | None = _f(None, "JSON file with model and/or training keys (overrides preset)")
     data: list[str] | None = _f(
-        None, "text files, directories or .jsonl; default: pydoc_data (offline)"
+        None,
+        "text files, directories, .jsonl(.gz/.zst), .parquet, save_to_disk directories or "
+        "hf:NAME[:CONFIG][:SPLIT]; default: pydoc_data (offline)",
     )
-    text_field: str = _f("text", "field read from .jsonl lines")
+    text_field: str = _f("text", "field read from .jsonl lines, parquet files and datasets")
     tokenizer: str | None = _f(
         None, "tokenizer.json or sentencepiece .model; default: train a BPE on the data"
     )

@@ -257,7 +257,7 @@ def test_prepare_data_packs_splits_and_caches(tmp_path: Path, monkeypatch):
     args = ([str(tmp_path / "corpus")], None, 300, str(tmp_path / "cache"))
     tok, train, val = data.prepare_data(*args, val_fraction=0.1)
     stream = np.concatenate([train, val])
-    assert train.dtype == val.dtype == np.uint32
+    assert train.dtype == val.dtype == np.uint16  # the vocabulary fits
     assert len(val) == int(np.ceil(len(stream) * 0.1))
     # Packed: each document's ids followed by eos, in file order, no padding.
     expected = [i for d in docs for i in tok.encode(d) + [tok.eos_id]]
