@@ -20,7 +20,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from .checkpoint import write_dir
-from .sources import Corpus, DataError
+from .data_errors import DataError
+from .sources import Corpus
 from .store import (
     TokenWriter,
     disk_error,

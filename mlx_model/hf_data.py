@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .sources import HF_FIX, DataError, _check_text, _missing_field
+from .data_errors import HF_FIX, DataError, check_text, missing_field
 
 _ROWS = 1024  # rows per batch read from a dataset
 
@@ -81,14 +81,14 @@ def _rows(ds: Any, spec: str, field: str, corpus: Any) -> Iterator[tuple[str]]:
     """Documents of a Dataset or IterableDataset, read in batches of rows."""
     names = ds.column_names
     if names is not None and field not in names:
-        raise _missing_field(spec, field, names)
+        raise missing_field(spec, field, names)
     try:
         for batch in ds.iter(batch_size=_ROWS):
             if field not in batch:
-                raise _missing_field(spec, field, batch)
+                raise missing_field(spec, field, batch)
             for text in batch[field]:
                 if text is not None:
-                    corpus.pos += len(_check_text(spec, text, field).encode())
+                    corpus.pos += len(check_text(spec, text, field).encode())
                     yield (text,)
     except DataError:
         raise
@@ -134,5 +134,5 @@ def disk_text_bytes(path: Path, field: str) -> int:
 
     ds = open_disk(path)
     if field not in ds.column_names:
-        raise _missing_field(str(path), field, ds.column_names)
+        raise missing_field(str(path), field, ds.column_names)
     return int(pc.sum(pc.binary_length(ds.data.column(field))).as_py() or 0)

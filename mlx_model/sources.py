@@ -27,17 +27,10 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .data_errors import DATA_FIX, HF_FIX, DataError, check_text, missing_field
+
 PIECE_CHARS = 1 << 16  # longest piece handed to the tokenizer
 CHUNK_BYTES = 4 << 20  # read size for plain text files
-DATA_FIX = (
-    "pass --data with .txt/.md files, a directory of them, .jsonl(.gz/.zst) or .parquet with a "
-    "text field, a save_to_disk directory, or hf:NAME[:CONFIG][:SPLIT]"
-)
-HF_FIX = 'install the [data] extra: pip install -e ".[data]"'
-
-
-class DataError(ValueError):
-    """Bad data or tokenizer input; the message is one line naming the problem and the fix."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,17 +120,6 @@ def expand(specs: list[str]) -> list[tuple[str, Path | str, bool]]:
         else:
             raise DataError(f"data path {p} does not exist: {DATA_FIX}")
     return out
-
-
-def _check_text(where: str, value: object, field: str) -> str:
-    if not isinstance(value, str):
-        raise DataError(f"{where}: {field!r} is not a string: store the text as a string")
-    return value
-
-
-def _missing_field(where: str, field: str, keys: Iterable[object]) -> DataError:
-    keys = ", ".join(map(str, list(keys)[:8])) or "none"
-    return DataError(f"{where}: no {field!r} field (keys: {keys}): use --text-field")
 
 
 class Corpus:
@@ -292,8 +274,8 @@ class Corpus:
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: not a JSON object: write one JSON object per line")
             if self.text_field not in obj:
-                raise _missing_field(where, self.text_field, obj)
-            yield (_check_text(where, obj[self.text_field], self.text_field),)
+                raise missing_field(where, self.text_field, obj)
+            yield (check_text(where, obj[self.text_field], self.text_field),)
 
     def _parquet(self, path: Path) -> Iterator[tuple[str]]:
         try:
@@ -307,7 +289,7 @@ class Corpus:
             raise DataError(f"{path} is not a parquet file ({e}): {DATA_FIX}") from None
         names = pf.schema_arrow.names
         if self.text_field not in names:
-            raise _missing_field(str(path), self.text_field, names)
+            raise missing_field(str(path), self.text_field, names)
         rows, done = max(pf.metadata.num_rows, 1), 0
         for batch in pf.iter_batches(batch_size=1024, columns=[self.text_field]):
             yield from arrow_documents(batch.column(0), f"{path}", self.text_field)

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .sources import Corpus, DataError
+from .data_errors import DataError
+from .sources import Corpus
 
 TOKENS = "tokens.bin"
 META = "meta.json"
