@@ -365,6 +365,13 @@ def _small() -> ModelArgs:
     return ModelArgs()
 
 
+def _small_dense() -> ModelArgs:
+    # The dense baseline of `small`: every FFN dense, intermediate_size 768 = the shared expert
+    # (256) + top-2 routed experts (2 x 256), so the same active parameters per token (less the
+    # [8, 256] router per MoE layer). first_k_dense_replace = all layers keeps the HF form.
+    return _small().replace(first_k_dense_replace=ModelArgs().num_hidden_layers)
+
+
 def _seed() -> ModelArgs:
     # The seed system (../shared/SEED-NOTES.md): MQA, pre-LayerNorm, 2 experts, top-1 softmax
     # gate, capacity 1.25, every layer MoE, no shared expert, FFN 1024.
@@ -390,11 +397,11 @@ def _seed() -> ModelArgs:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "seed": _seed}
+PRESETS = {"tiny": _tiny, "small": _small, "small-dense": _small_dense, "seed": _seed}
 
 
 def preset(name: str) -> ModelArgs:
-    """A fresh ModelArgs for a named preset (tiny, small, seed)."""
+    """A fresh ModelArgs for a named preset (see PRESETS)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
     return PRESETS[name]()

@@ -73,6 +73,59 @@ class StackedLinear(nn.Module):
         self.weight = mx.random.uniform(-bound, bound, (n, dims_out, dims_in))
 
 
+def block_layout(indices: mx.array, n_experts: int, b: int) -> tuple:
+    """Where each (token, expert) slot goes when slots are grouped by expert into blocks of b rows.
+
+    indices [N, k] -> (dest [N, k] row of each slot, row_slot [R] slot of each row or S for a
+    padding row, block_expert [R/b] expert of each block, R). Each expert's group is padded to a
+    whole number of blocks; R = S + E*(b-1) rounded up to a block bounds that for any routing,
+    so every shape is static. One argsort of the slots' experts does the grouping.
+    """
+    N, k = indices.shape
+    E, S = n_experts, N * k
+    R = -(-(S + E * (b - 1)) // b) * b
+    flat = indices.reshape(-1)  # [S] expert of each slot (slot = token * k + rank)
+    order = mx.argsort(flat)  # [S] slots grouped by expert
+    counts = (flat[:, None] == mx.arange(E)).sum(0)  # [E]
+    padded = (counts + b - 1) // b * b
+    shift = mx.cumsum(padded - counts) - (padded - counts)  # [E] padding before expert e's group
+    sorted_rows = mx.arange(S) + shift[flat[order]]  # [S] row of the i-th slot in expert order
+    dest = mx.zeros((S,), mx.int32).at[order].add(sorted_rows.astype(mx.int32))  # [S]
+    row_slot = mx.full((R,), S, mx.int32).at[sorted_rows].add(order.astype(mx.int32) - S)
+    ends = mx.cumsum(padded)  # [E] one past each expert's last row
+    block_expert = mx.minimum((mx.arange(0, R, b)[:, None] >= ends).sum(-1), E - 1)  # [R/b]
+    return dest.reshape(N, k), row_slot, block_expert.astype(mx.uint32), R
+
+
+@mx.custom_function
+def dispatch_rows(x: mx.array, dest: mx.array, row_token: mx.array) -> mx.array:
+    """x [N, D] -> rows [R, D]: row r holds token row_token[r] (a zero row for padding, whose
+    row_token is N). The gradient gathers each token's k rows (dest [N, k]) and sums them, where
+    autodiff of the indexing would scatter-add (over ten times slower on MLX's CPU backend)."""
+    return mx.concatenate([x, mx.zeros((1, x.shape[1]), x.dtype)])[row_token]
+
+
+@dispatch_rows.vjp
+def _dispatch_rows_vjp(primals: list, cotangent: mx.array, output: mx.array) -> tuple:
+    x, dest, row_token = primals
+    return cotangent[dest].sum(1), mx.zeros_like(dest), mx.zeros_like(row_token)
+
+
+@mx.custom_function
+def combine_rows(rows: mx.array, dest: mx.array, row_slot: mx.array) -> mx.array:
+    """rows [R, D] -> slots [N, k, D] (slot s reads row dest[s]). The gradient is the inverse
+    gather: row r takes slot row_slot[r]'s cotangent (zero for padding rows, row_slot = S)."""
+    return rows[dest]
+
+
+@combine_rows.vjp
+def _combine_rows_vjp(primals: list, cotangent: mx.array, output: mx.array) -> tuple:
+    rows, dest, row_slot = primals
+    D = cotangent.shape[-1]
+    g = mx.concatenate([cotangent.reshape(-1, D), mx.zeros((1, D), cotangent.dtype)])
+    return g[row_slot], mx.zeros_like(dest), mx.zeros_like(row_slot)
+
+
 class Experts(nn.Module):
     """Routed SwiGLU experts with stacked weights gate_proj/up_proj/down_proj [E, out, in].
 
@@ -115,10 +168,11 @@ class Experts(nn.Module):
 
     def block_size(self, slots: int) -> int:
         """Rows per block for `slots` (token, expert) pairs: the largest power of two <=
-        max_block that keeps the worst-case padding E*(block-1) under a quarter of the slots."""
+        max_block that keeps the worst-case padding E*(block-1) under an eighth of the slots
+        (the padded rows are always computed: the row count is static)."""
         E = self.gate_proj.weight.shape[0]
         b = 1
-        while 2 * b <= self.max_block and E * (2 * b - 1) * 4 <= slots:
+        while 2 * b <= self.max_block and E * (2 * b - 1) * 8 <= slots:
             b *= 2
         return b
 
@@ -137,23 +191,8 @@ class Experts(nn.Module):
             h = swiglu(mm1(xs, self.gate_proj.weight), mm1(xs, self.up_proj.weight))
             y = mm1(h, self.down_proj.weight).squeeze(-2)  # [N, k, D]
             return (y * weights[..., None].astype(y.dtype)).sum(1)
-        R = (
-            -(-(S + E * (b - 1)) // b) * b
-        )  # static bound on the padded rows, a whole number of blocks
-        flat = indices.reshape(-1)  # [S] expert of each slot (slot = token * k + rank)
-        onehot = (flat[:, None] == mx.arange(E)).astype(mx.int32)  # [S, E]
-        rank = (mx.cumsum(onehot, axis=0) * onehot).sum(-1) - 1  # [S] place in its expert's group
-        counts = onehot.sum(0)  # [E]
-        padded = (counts + b - 1) // b * b
-        start = mx.cumsum(padded) - padded  # [E] first row of each expert's group
-        dest = start[flat] + rank  # [S] row of each slot
-        # Row -> slot; padding rows (past an expert's count) read token N, an appended zero row.
-        row_slot = mx.zeros((R,), mx.int32).at[dest].add(mx.arange(1, S + 1, dtype=mx.int32)) - 1
-        row_tok = mx.where(row_slot >= 0, row_slot // k, N)  # [R]
-        block_expert = mx.minimum(
-            (mx.arange(0, R, b)[:, None] >= (start + padded)).sum(-1), E - 1
-        )  # [R/b]
-        xs = mx.concatenate([x, mx.zeros((1, x.shape[1]), x.dtype)])[row_tok]  # [R, D]
+        dest, row_slot, block_expert, R = block_layout(indices, E, b)
+        xs = dispatch_rows(x, dest, row_slot // k)  # [R, D]
         xs = xs.reshape(R // b, b, -1)  # [R/b, b, D]
 
         def mm(a: mx.array, w: mx.array) -> mx.array:
@@ -162,7 +201,7 @@ class Experts(nn.Module):
             )
 
         h = swiglu(mm(xs, self.gate_proj.weight), mm(xs, self.up_proj.weight))  # [R/b, b, I]
-        y = mm(h, self.down_proj.weight).reshape(R, -1)[dest].reshape(N, k, -1)  # [N, k, D]
+        y = combine_rows(mm(h, self.down_proj.weight).reshape(R, -1), dest, row_slot)  # [N, k, D]
         return (y * weights[..., None].astype(y.dtype)).sum(1)
 
     def __call__(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:

@@ -155,8 +155,8 @@ def bench(a: argparse.Namespace) -> dict:
     if hf_incompatibility(args) is not None and "mlx_lm" in names:
         print(f"mlx_lm skipped: {hf_incompatibility(args)}", file=sys.stderr)
         names.remove("mlx_lm")
-    if a.cmd == "generate":
-        names = [n for n in names if n != "torch_reference"]  # the twin has no KV cache
+    if a.cmd == "generate":  # the twin has no KV cache; the dense baseline is a training contender
+        names = [n for n in names if n not in ("torch_reference", "mlx_dense")]
     spec = dict(
         preset=a.preset,
         dtype=a.dtype,
@@ -266,6 +266,11 @@ def print_table(res: dict, repeats: int) -> None:
                 f"{r['tokens_per_s'] * x['flops_per_token'] / 1e9:8.1f} {100 * r['mfu']:5.1f}% "
                 f"{r['peak_memory_bytes'] / 2**20:8.0f}MB  {ratio}"
             )
+        if ours and "mlx_dense" in base:
+            print(
+                f"MoE vs dense at equal active parameters: mlx_model / mlx_dense tokens/s = "
+                f"{ours / base['mlx_dense']['tokens_per_s']:.2f}x"
+            )
         if "seed_micro_batches_per_s" in x:
             m = x["seed_micro_batches_per_s"]
             print(
@@ -340,7 +345,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--prompt-len", type=int, default=128, help="generate: prompt tokens")
     p.add_argument("--new-tokens", type=int, default=256, help="generate: tokens decoded")
-    p.add_argument("--only", nargs="+", choices=list(NAMES), help="contenders to run")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=[*NAMES, "mlx_dense"],
+        help="contenders to run; mlx_dense (train only, not by default): our trainer on the dense "
+        "model of the same active parameters, so 'ours/this' is the MoE/dense speed ratio",
+    )
     p.add_argument(
         "--mlx-blas-threads",
         type=int,

@@ -188,6 +188,26 @@ class TrainWorker:
     def _run_mlx_model(self) -> None:
         self.trainer.step(self.batches)
 
+    def _build_mlx_dense(self, ckpt: str) -> None:
+        """Our trainer on the dense baseline of the same active parameters (every layer dense,
+        as the `small-dense` preset is to `small`), from seeded random weights."""
+        import tempfile
+
+        import mlx.core as mx
+
+        from mlx_model.checkpoint import load_args, save_model
+        from mlx_model.model import Model
+
+        args = load_args(ckpt)
+        mx.random.seed(0)
+        self._dense_dir = tempfile.TemporaryDirectory(prefix="bench-dense-")
+        save_model(
+            self._dense_dir.name, Model(args.replace(first_k_dense_replace=args.num_hidden_layers))
+        )
+        self._build_mlx_model(self._dense_dir.name)
+
+    _run_mlx_dense = _run_mlx_model
+
     # the PyTorch twin ---------------------------------------------------------------
     def _build_torch_reference(self, ckpt: str) -> None:
         import numpy as np
@@ -393,6 +413,7 @@ def worker_main(kind: str, name: str, ckpt: str, spec_json: str) -> None:
         "torch_reference": ["torch", "torch_reference.loss"],
         "peak": ["torch", "mlx.core"],
         "mlx_model": ["mlx.core", "mlx_model.train", "mlx_model.generate"],
+        "mlx_dense": ["mlx.core", "mlx_model.train", "mlx_model.generate"],
         "mlx_lm": ["mlx.core", "mlx_lm.utils", "mlx_lm.generate", "mlx_lm.tuner.trainer"],
     }[name]:
         importlib.import_module(mod)
