@@ -34,8 +34,16 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m mlx_model.evaluate", description=__doc__.split("\n")[0]
     )
     p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--data", nargs="+", required=True, help="text files, directories or .jsonl")
-    p.add_argument("--text-field", default="text", help="field read from .jsonl lines")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        required=True,
+        help="text files, directories, .jsonl(.gz/.zst), .parquet, save_to_disk directories or "
+        "hf:NAME[:CONFIG][:SPLIT]",
+    )
+    p.add_argument(
+        "--text-field", default="text", help="field read from .jsonl lines, parquet and datasets"
+    )
     p.add_argument("--seq-len", type=int, default=128, help="tokens per scored window")
     p.add_argument("--batch-size", type=int, default=8, help="windows scored per forward pass")
     a = p.parse_args(argv)

@@ -81,7 +81,7 @@ def _open_raw(path: Path) -> tuple[io.BufferedIOBase, Any]:
         except ImportError:
             raw.close()
             raise DataError(f"{path}: reading .zst needs zstandard: {HF_FIX}") from None
-        return zstandard.ZstdDecompressor().stream_reader(raw), raw
+        return io.BufferedReader(_Zstd(raw, zstandard.ZstdDecompressor()), CHUNK_BYTES), raw
     return raw, raw
 
 
@@ -90,7 +90,7 @@ def _kind(path: Path) -> str:
     name = path.name.lower()
     for ext in (".gz", ".zst"):
         name = name.removesuffix(ext)
-    if name.endswith(".parquet"):
+    if name.endswith((".parquet", ".pq")):
         return "parquet"
     return "jsonl" if name.endswith(".jsonl") else "text"
 
@@ -333,3 +333,30 @@ class _Prefixed(io.RawIOBase):
         data = _read(self.stream, self.path, len(b))
         b[: len(data)] = data
         return len(data)
+
+
+class _Zstd(io.RawIOBase):
+    """A .zst stream of one or more frames; a truncated last frame is an error (zstandard's own
+    stream_reader returns nothing for it)."""
+
+    def __init__(self, raw, dctx):
+        self.raw, self.dctx, self.obj, self.out = raw, dctx, None, b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while not self.out:
+            data = self.raw.read(1 << 20)
+            if not data:
+                if self.obj is not None and not self.obj.eof:
+                    raise EOFError("the last zstd frame is cut short")
+                return 0
+            while data:  # a frame may end inside `data`; the next one starts after it
+                if self.obj is None or self.obj.eof:
+                    self.obj = self.dctx.decompressobj()
+                self.out += self.obj.decompress(data)
+                data = self.obj.unused_data if self.obj.eof else b""
+        n = min(len(b), len(self.out))
+        b[:n], self.out = self.out[:n], self.out[n:]
+        return n
