@@ -1,7 +1,8 @@
 """DeepSeek-style language model (MLA + DeepSeekMoE) in MLX.
 
 Importing this package stays cheap and MLX-free: `mlx_model.config` is shared with the PyTorch
-twin. `load` and `generate` are imported lazily from `mlx_model.generate`.
+twin. `load` and `generate` are imported lazily from `mlx_model.generation` (the CLI is
+`python -m mlx_model.generate`).
 
 On Linux it first loads a fast BLAS (MKL or OpenBLAS) for MLX's CPU backend and makes
 `mx.compile` kernels vectorise (AVX2/FMA, inlined maths); this must happen before `mlx.core` is
@@ -31,9 +32,10 @@ def __getattr__(name: str) -> Any:
     if name in ("load", "generate"):
         import importlib
 
-        # `from . import generate` would recurse into this hook; importing the submodule
-        # binds the package attribute `generate` to the module, so rebind both functions.
-        _g = importlib.import_module(".generate", __name__)
+        # The functions live in mlx_model.generation; mlx_model/generate.py is only the CLI,
+        # which library code never imports (importing it by name would bind the package
+        # attribute `generate` to that module, as Python does for every submodule).
+        _g = importlib.import_module(".generation", __name__)
         globals().update(load=_g.load, generate=_g.generate)
         return globals()[name]
     raise AttributeError(name)

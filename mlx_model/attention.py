@@ -4,8 +4,9 @@ MLA (SPEC section 3). Shapes: B batch, L new tokens, S cached + new tokens, H he
 - kv_a_proj_with_mqa(x) -> [c_kv (r) | k_rope (d_r)]; RMSNorm on c_kv only; k_rope is one head.
 - kv_b_proj(c_kv) -> per head [k_nope (d_n) | v (d_v)].
 - Naive path (training, prefill): expand keys/values from the latent and run SDPA.
-- Absorbed path (decode, L == 1): fold kv_b_proj's key part into the query and its value part
-  into the output, so attention runs against the cached latent directly.
+- Absorbed path (decode: a cache and L <= ABSORB_MAX_L new tokens, one token or a speculative
+  verification block): fold kv_b_proj's key part into the query and its value part into the
+  output, so attention runs against the cached latent directly.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .config import ModelArgs
 from .layers import apply_rope
 
 Mask = None | str | mx.array
+ABSORB_MAX_L = 16  # new tokens up to which a cached MLA call attends in latent space
 
 
 def sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask: Mask) -> mx.array:
@@ -121,7 +123,7 @@ class MLA(nn.Module):
         q_nope, q_rope, latent, k_rope = self.project(x, offset)
         if cache is not None:
             latent, k_rope = cache.update_and_fetch(latent, k_rope)
-        attend = self.absorbed if (cache is not None and L == 1) else self.naive
+        attend = self.absorbed if (cache is not None and L <= ABSORB_MAX_L) else self.naive
         out = attend(q_nope, q_rope, latent, k_rope, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 

@@ -1,11 +1,12 @@
-"""Text generation: prefill, then a compiled one-token decode step; sampling or beam search.
+"""Command line for text generation (the library is mlx_model.generation and mlx_model.engine).
 
     python -m mlx_model.generate --model DIR --prompt "The" [--prompts-file F] [sampling flags]
-    from mlx_model import load, generate; model, tok = load(DIR); generate(model, tok, "The")
+    python -m mlx_model.generate --model DIR --prompt "The" --temperature 0 --speculative mtp
 
-Token-level decoding (prefill, the compiled step over fixed-size caches) is mlx_model/decoding.py;
-this module turns it into text (streaming, stop strings), runs beam search (beams are batch rows
-of a KVCache, reordered after every step), and is the CLI.
+This module holds only the CLI. `from mlx_model import load, generate` gives the functions of
+mlx_model.generation (the package's lazy attributes); importing this module by name binds the
+package attribute `generate` to it, as Python does for every submodule, so library code never
+imports it.
 """
 
 from __future__ import annotations
@@ -14,189 +15,16 @@ import mlx_model  # noqa: F401  # isort: skip  (loads a fast BLAS before MLX)
 
 import argparse
 import sys
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-import mlx.core as mx
-
-from .cache import make_cache
-from .checkpoint import CheckpointError, load_model, require_dir
-from .data import DataError, Tokenizer
-from .decoding import Stats, decode
-from .sampling import SamplingError, SamplingParams, beam_search
-
-
-class GenerateError(ValueError):
-    """Bad generation input (prompt, tokenizer); the message is one line naming the fix."""
-
-
-# ----------------------------------------------------------------------------- loading
-def load(path: str) -> tuple[Any, Tokenizer]:
-    """(model, tokenizer) from a checkpoint directory (ours or Hugging Face deepseek_v3)."""
-    require_dir(path)
-    model = load_model(path)
-    tokenizer = Tokenizer.load(path)
-    if tokenizer.vocab_size > model.args.vocab_size:
-        raise GenerateError(
-            f"the tokenizer in {path} has {tokenizer.vocab_size} tokens but the model only "
-            f"{model.args.vocab_size}: they do not belong together"
-        )
-    model.eval()  # capacity dropping is training-only
-    return model, tokenizer
-
-
-def encode_prompt(
-    tokenizer: Tokenizer, prompt: str, window: int, max_tokens: int, truncate: bool
-) -> list[int]:
-    """bos (if the tokenizer has one) + prompt ids, checked against the context window."""
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise GenerateError("empty prompt: give some text to continue")
-    if tokenizer.bos_id is not None:
-        ids = [tokenizer.bos_id] + ids
-    if len(ids) >= window:
-        if not truncate:
-            raise GenerateError(
-                f"the prompt has {len(ids)} tokens but the context window is {window}: "
-                "shorten it or pass --truncate-prompt"
-            )
-        ids = ids[-max(1, window - max_tokens) :]  # keep the end, leave room to generate
-    return ids
-
-
-# -------------------------------------------------------------------------- text level
-@dataclass
-class _Row:
-    """Detokenization state of one prompt: committed text + ids since the last newline."""
-
-    base: str = ""
-    seg: list[int] = field(default_factory=list)
-    sent: int = 0  # characters already handed out
-    text: str = ""
-    done: bool = False
-
-
-def _push(row: _Row, token: int, tokenizer: Tokenizer, stops: list[str], resegment: bool) -> str:
-    """Add one token to a row; return the new text safe to show (none past a stop string)."""
-    if token == tokenizer.eos_id:
-        row.done = True
-        return _flush(row)
-    row.seg.append(token)
-    seg_text = tokenizer.decode(row.seg)
-    row.text = row.base + seg_text
-    if resegment and seg_text.endswith("\n"):  # byte-level BPE decodes pieces independently
-        row.base, row.seg = row.text, []
-    hits = [i for i in (row.text.find(s, max(0, row.sent - len(s))) for s in stops) if i >= 0]
-    if hits:
-        row.text, row.done = row.text[: min(hits)], True
-        return _flush(row)
-    safe = len(row.text.rstrip("\ufffd"))  # an incomplete UTF-8 character
-    for s in stops:  # hold back a possible start of a stop string
-        for n in range(min(len(s) - 1, safe), 0, -1):
-            if row.text[:safe].endswith(s[:n]):
-                safe -= n
-                break
-    out, row.sent = row.text[row.sent : max(safe, row.sent)], max(safe, row.sent)
-    return out
-
-
-def _flush(row: _Row) -> str:
-    out, row.sent = row.text[row.sent :], len(row.text)
-    return out
-
-
-def stream(
-    model: Any,
-    tokenizer: Tokenizer,
-    prompts: list[str],
-    params: SamplingParams,
-    stats: Stats | None = None,
-    truncate_prompt: bool = False,
-    compiled: bool = True,
-) -> Iterator[tuple[int, str]]:
-    """Yield (prompt index, new text) as tokens arrive; all prompts decode together.
-
-    Stops at eos, a stop string (the text is cut before it) or max_tokens new tokens.
-    compiled=False runs the decode step eagerly (same tokens; no JIT compile on first use).
-    """
-    params.validate()
-    stats = stats if stats is not None else Stats()
-    window = model.args.max_position_embeddings
-    ids = [encode_prompt(tokenizer, p, window, params.max_tokens, truncate_prompt) for p in prompts]
-    room = window - max(len(i) for i in ids)
-    if room < params.max_tokens:  # never run past the trained positions
-        params = replace(params, max_tokens=room)
-    resegment = not tokenizer.is_sentencepiece
-    if params.num_beams > 1:
-        kw = dict(eos_id=tokenizer.eos_id, length_penalty=params.length_penalty)
-        for r, p in enumerate(ids):
-            cache = make_cache(model.args)
-            tic = time.perf_counter()
-            res = beam_search(
-                model,
-                cache,
-                p,
-                params.num_beams,
-                params.max_tokens,
-                **kw,
-                early_stopping=params.early_stopping,
-            )
-            mx.eval(cache[0].state)
-            stats.prompt_tokens += len(p)
-            stats.generated_tokens += len(res.tokens)
-            stats.generate_time += time.perf_counter() - tic
-            stats.cache_numbers_per_token = sum(c.numbers_per_token() for c in cache)
-            stats.cache_bytes_per_token = sum(c.nbytes_per_token() for c in cache)
-            row, text = _Row(), ""
-            for t in res.tokens:
-                text += _push(row, t, tokenizer, params.stop, resegment)
-                if row.done:
-                    break
-            yield r, text + _flush(row)
-        return
-    rows = [_Row() for _ in ids]
-    gen = decode(model, ids, params, stats, compiled, unpenalised=tokenizer.bos_id)
-    try:
-        for tokens in gen:
-            for r, (row, t) in enumerate(zip(rows, tokens)):
-                if not row.done:
-                    delta = _push(row, t, tokenizer, params.stop, resegment)
-                    if delta:
-                        yield r, delta
-            if all(row.done for row in rows):
-                break
-        for r, row in enumerate(rows):
-            if row.sent < len(row.text):
-                yield r, _flush(row)
-    finally:
-        gen.close()
-
-
-def generate(
-    model: Any,
-    tokenizer: Tokenizer,
-    prompt: str | list[str],
-    verbose: bool = False,
-    truncate_prompt: bool = False,
-    compiled: bool = True,
-    **sampling: Any,
-) -> str | list[str]:
-    """Continuation of `prompt` (or a list of continuations for a list of prompts).
-
-    `sampling`: SamplingParams fields (max_tokens, temperature, top_p, seed, stop, num_beams...).
-    """
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    params = SamplingParams(**sampling)
-    stats = Stats()
-    out = [""] * len(prompts)
-    for r, delta in stream(model, tokenizer, prompts, params, stats, truncate_prompt, compiled):
-        out[r] += delta
-    if verbose:
-        print(stats.report(), file=sys.stderr)
-    return out[0] if isinstance(prompt, str) else out
+from .checkpoint import CheckpointError
+from .data import DataError
+from .engine import Engine, Stats
+from .generation import GenerateError, encode_prompt, load, stream
+from .quantize import QuantizeError
+from .sampling import SamplingError, SamplingParams
+from .speculative import Speculative, SpeculativeError
+from .train_config import DEFAULT_OUT
 
 
 # --------------------------------------------------------------------------------- CLI
@@ -240,8 +68,51 @@ def build_parser() -> argparse.ArgumentParser:
         help="eager decode step (on the CPU backend the "
         "compiled step is ~2x faster, but its first use JIT-compiles kernels for ~20-60 s)",
     )
+    p.add_argument(
+        "--speculative",
+        choices=["mtp"],
+        help="mtp: self-speculative decoding, the model's own multi-token-prediction module "
+        "drafts and the model verifies all drafts in one pass (greedy: the same tokens; "
+        "sampling: the same distribution)",
+    )
+    p.add_argument(
+        "--num-draft",
+        type=int,
+        default=3,
+        help="speculative decoding: tokens drafted per verification step (default 3)",
+    )
+    p.add_argument(
+        "--draft-model",
+        help="speculative decoding with this smaller checkpoint (same tokenizer) as the drafter",
+    )
+    p.add_argument(
+        "--quantize",
+        type=int,
+        help="quantize the weights on load to 4 or 8 bits (affine, per group)",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=64,
+        help="--quantize: weights per scale/bias group (32, 64 or 128; default 64)",
+    )
     p.add_argument("--verbose", action="store_true", help="statistics to stdout instead of stderr")
     return p
+
+
+def speculative_from_args(a: argparse.Namespace, tokenizer) -> Speculative | None:
+    """The --speculative/--num-draft/--draft-model flags as a Speculative (None: off)."""
+    if a.num_draft < 1:
+        raise GenerateError(f"--num-draft {a.num_draft}: must be >= 1 (tokens drafted per step)")
+    if a.draft_model is None and a.speculative is None:
+        return None
+    if a.draft_model is not None and a.speculative is not None:
+        raise GenerateError("--speculative mtp and --draft-model: choose one drafter")
+    draft = None
+    if a.draft_model is not None:
+        draft, draft_tok = load(a.draft_model, a.quantize, a.group_size)
+        Speculative.check_tokenizers(tokenizer, draft_tok, a.draft_model)
+    return Speculative("mtp" if draft is None else "draft", a.num_draft, draft)
 
 
 def _prompts(a: argparse.Namespace) -> list[str]:
@@ -269,14 +140,15 @@ def main(argv: list[str] | None = None) -> None:
             raise GenerateError(f"--batch-size {a.batch_size}: must be >= 1")
         prompts = _prompts(a)
         if a.model is None:
-            from .train import DEFAULT_OUT
-
             a.model = DEFAULT_OUT
             if not Path(DEFAULT_OUT, "config.json").is_file():
                 raise GenerateError(
-                    f"no model at {DEFAULT_OUT}: train one with `python -m mlx_model.train` or pass --model DIR"
+                    f"no model at {DEFAULT_OUT}: train one with `python -m mlx_model.train` "
+                    "or pass --model DIR"
                 )
-        model, tokenizer = load(a.model)
+        model, tokenizer = load(a.model, a.quantize, a.group_size)
+        spec = speculative_from_args(a, tokenizer)
+        engine = Engine(model)
         window = model.args.max_position_embeddings
         for p in prompts:  # all bad prompts fail before any output
             encode_prompt(tokenizer, p, window, params.max_tokens, a.truncate_prompt)
@@ -288,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                 out.write(batch[0])
                 out.flush()
             for r, delta in stream(
-                model, tokenizer, batch, params, stats, a.truncate_prompt, not a.no_compile
+                engine, tokenizer, batch, params, stats, a.truncate_prompt, not a.no_compile, spec
             ):
                 if len(batch) == 1:
                     out.write(delta)
@@ -299,23 +171,20 @@ def main(argv: list[str] | None = None) -> None:
                     out.write(batch[r] + text)
                 out.write("\n\n" if start + r + 1 < len(prompts) else "\n")
             out.flush()
-    except (GenerateError, SamplingError, CheckpointError, DataError) as e:
+    except (
+        GenerateError,
+        SamplingError,
+        CheckpointError,
+        DataError,
+        SpeculativeError,
+        QuantizeError,
+    ) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
     print(stats.report(), file=sys.stdout if a.verbose else sys.stderr)
 
-
-class _CallableModule(type(sys)):
-    """`from mlx_model import generate` gives this module when it was imported first; calling
-    it calls generate(), so the package API works in either import order."""
-
-    def __call__(self, *args: Any, **kw: Any) -> str | list[str]:
-        return generate(*args, **kw)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     main()

@@ -164,8 +164,8 @@ def check_not_quantized(config: dict[str, Any]) -> None:
     for key in ("quantization", "quantization_config"):
         if config.get(key):
             raise LayoutError(
-                f"config.json has {key!r}: quantized checkpoints are not supported; "
-                "use the unquantized (float) weights"
+                f"config.json has {key!r}: quantized weights serve generation only "
+                "(mlx_model.generate, load()); training and conversion need the float weights"
             )
 
 

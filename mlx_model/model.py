@@ -125,15 +125,32 @@ class Model(nn.Module):
         """
         logits, routing = [], []
         h = hidden
-        for k, m in enumerate(self.mtp, start=1):
+        for k in range(len(self.mtp)):
             T = h.shape[1] - 1
-            e = m.enorm(self.model.embed_tokens(inputs[:, k:]))  # t_{i+k}
-            h = m.eh_proj(mx.concatenate([m.hnorm(h[:, :T]), e], axis=-1))
-            h, r = m.block(h, attention_mask(T))
+            out, h, r = self.mtp_block(k, h[:, :T], inputs[:, k + 1 :])
             if r is not None:
                 routing.append(r)
-            logits.append(self.lm_head(m.norm(h)))
+            logits.append(out)
         return logits, routing
+
+    def mtp_block(
+        self,
+        k: int,
+        hidden: mx.array,
+        tokens: mx.array,
+        cache: Any = None,
+        mask: Mask | bool = True,
+    ) -> tuple[mx.array, mx.array, Routing | None]:
+        """MTP module k (0-based) on hidden [B, T, D] beside the tokens one ahead [B, T]:
+        (logits [B, T, V], its hidden state before the norm [B, T, D], routing). With a cache,
+        it decodes (speculative drafting; see mlx_model/speculative.py)."""
+        m = self.mtp[k]
+        if mask is True:
+            mask = attention_mask(tokens.shape[1])
+        e = m.enorm(self.model.embed_tokens(tokens))
+        h = m.eh_proj(mx.concatenate([m.hnorm(hidden), e], axis=-1))
+        h, r = m.block(h, mask, cache)
+        return self.lm_head(m.norm(h)), h, r
 
     @property
     def layers(self) -> list:

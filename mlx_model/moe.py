@@ -72,6 +72,40 @@ class StackedLinear(nn.Module):
         bound = dims_in**-0.5
         self.weight = mx.random.uniform(-bound, bound, (n, dims_out, dims_in))
 
+    def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        """x [..., rows, in] times expert indices[...]'s matrix, transposed -> [..., rows, out]."""
+        w = self.weight.swapaxes(-1, -2)
+        return mx.gather_mm(x, w, rhs_indices=indices, sorted_indices=sorted_indices)
+
+    def to_quantized(self, group_size: int, bits: int, mode: str = "affine") -> nn.Module:
+        """nn.quantize's hook: the same experts, weights packed to `bits` (affine)."""
+        w, s, b = mx.quantize(self.weight, group_size=group_size, bits=bits, mode=mode)
+        return QuantizedStackedLinear(w, s, b, group_size, bits)
+
+
+class QuantizedStackedLinear(nn.Module):
+    """E quantized linear maps: packed weight [E, out, in*bits/32], scales/biases
+    [E, out, in/group]; multiplied by MLX's quantized gather matmul, mx.gather_qmm."""
+
+    def __init__(self, weight, scales, biases, group_size: int, bits: int):
+        super().__init__()
+        self.weight, self.scales, self.biases = weight, scales, biases
+        self.group_size, self.bits = group_size, bits
+        self.freeze()
+
+    def gather(self, x: mx.array, indices: mx.array, sorted_indices: bool = False) -> mx.array:
+        return mx.gather_qmm(
+            x,
+            self.weight,
+            self.scales,
+            self.biases,
+            rhs_indices=indices,
+            transpose=True,
+            group_size=self.group_size,
+            bits=self.bits,
+            sorted_indices=sorted_indices,
+        )
+
 
 def block_layout(indices: mx.array, n_experts: int, b: int) -> tuple:
     """Where each (token, expert) slot goes when slots are grouped by expert into blocks of b rows.
@@ -185,23 +219,21 @@ class Experts(nn.Module):
         if b == 1:  # few tokens (decoding): one row per slot, no grouping, as mlx-lm does
             xs = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, D]
 
-            def mm1(a: mx.array, w: mx.array) -> mx.array:
-                return mx.gather_mm(a, w.swapaxes(-1, -2), rhs_indices=indices)  # [N, k, 1, *]
+            def mm1(a: mx.array, proj: nn.Module) -> mx.array:
+                return proj.gather(a, indices)  # [N, k, 1, *]
 
-            h = swiglu(mm1(xs, self.gate_proj.weight), mm1(xs, self.up_proj.weight))
-            y = mm1(h, self.down_proj.weight).squeeze(-2)  # [N, k, D]
+            h = swiglu(mm1(xs, self.gate_proj), mm1(xs, self.up_proj))
+            y = mm1(h, self.down_proj).squeeze(-2)  # [N, k, D]
             return (y * weights[..., None].astype(y.dtype)).sum(1)
         dest, row_slot, block_expert, R = block_layout(indices, E, b)
         xs = dispatch_rows(x, dest, row_slot // k)  # [R, D]
         xs = xs.reshape(R // b, b, -1)  # [R/b, b, D]
 
-        def mm(a: mx.array, w: mx.array) -> mx.array:
-            return mx.gather_mm(
-                a, w.swapaxes(-1, -2), rhs_indices=block_expert, sorted_indices=True
-            )
+        def mm(a: mx.array, proj: nn.Module) -> mx.array:
+            return proj.gather(a, block_expert, sorted_indices=True)
 
-        h = swiglu(mm(xs, self.gate_proj.weight), mm(xs, self.up_proj.weight))  # [R/b, b, I]
-        y = combine_rows(mm(h, self.down_proj.weight).reshape(R, -1), dest, row_slot)  # [N, k, D]
+        h = swiglu(mm(xs, self.gate_proj), mm(xs, self.up_proj))  # [R/b, b, I]
+        y = combine_rows(mm(h, self.down_proj).reshape(R, -1), dest, row_slot)  # [N, k, D]
         return (y * weights[..., None].astype(y.dtype)).sum(1)
 
     def __call__(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:
@@ -211,7 +243,9 @@ class Experts(nn.Module):
         indices = indices.reshape(x.shape[0], -1)
         # MLX's CPU gather_mm is float32-only: other dtypes on the CPU take the dense path.
         cpu_half = x.dtype != mx.float32 and mx.default_device() != mx.gpu
-        fn = self.dense if self.dispatch == "dense" or cpu_half else self.gather
+        quantized = isinstance(self.gate_proj, QuantizedStackedLinear)  # gather_qmm only
+        dense = (self.dispatch == "dense" or cpu_half) and not quantized
+        fn = self.dense if dense else self.gather
         return fn(x, weights, indices).reshape(shape)
 
 

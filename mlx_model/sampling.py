@@ -1,5 +1,6 @@
-"""Choosing tokens: sampling (pure functions on logits [B, V], composed by `make_sampler`) and
-beam search (over any model callable with a reorderable cache).
+"""Choosing tokens: pure functions on logits [B, V] (or [B, L, V]), composed by `make_sampler`,
+and the speculative accept/reject rule. They know nothing of the model: decoding strategies
+(beam search, speculative decoding) are mlx_model/engine.py and mlx_model/speculative.py.
 
 Sampling order (as in Hugging Face): penalties on the raw logits, then temperature, then the
 top-k, top-p and min-p filters (each sees the distribution the previous one left), then a draw.
@@ -10,7 +11,7 @@ Filters set removed tokens to -inf. Temperature 0 is greedy (argmax of the penal
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -188,74 +189,35 @@ def make_sampler(params: SamplingParams) -> Sampler:
     return sample
 
 
-# ------------------------------------------------------------------------- beam search
-@dataclass
-class BeamResult:
-    tokens: list[int]  # generated ids (ending with eos if it finished)
-    logprob: float  # sum of the token log-probabilities
-    score: float  # logprob / len ** length_penalty
+# -------------------------------------------------------------------- speculative rule
+def speculative_accept(
+    p_logits: mx.array, q_logits: mx.array, drafts: mx.array, greedy: bool, key: mx.array
+) -> tuple[mx.array, mx.array]:
+    """How many drafts the model keeps, and the token after them (Leviathan et al. 2023).
 
-
-def beam_search(
-    model: Callable,
-    cache: list,
-    prompt: Sequence[int],
-    num_beams: int,
-    max_tokens: int,
-    eos_id: int | None = None,
-    length_penalty: float = 1.0,
-    early_stopping: bool = False,
-) -> BeamResult:
-    """Deterministic beam search (Hugging Face semantics) over any `model(ids [B, T], cache=cache)
-    -> logits [B, T, V]` whose cache is a list of objects with `reorder(rows)`.
-
-    Each step keeps the best num_beams continuations (by summed log-probability); a beam that
-    ends in eos among the top num_beams candidates becomes a finished hypothesis, scored
-    sum logprob / len ** length_penalty (len = generated tokens). Stops after max_tokens, or
-    when num_beams hypotheses are finished and (early_stopping or no live beam can beat them).
+    p_logits [B, N+1, V]: the model's (processed) logits at the N draft positions and one
+    after; q_logits [B, N, V]: the drafter's processed logits the drafts [B, N] were drawn
+    from. Greedy: keep while draft == argmax p; the next token is argmax p there. Sampling:
+    accept d_j with probability min(1, p_j(d_j) / q_j(d_j)); at the first rejection draw from
+    norm(max(0, p_j - q_j)); after N acceptances draw from p_{N+1}. Each kept token then has
+    exactly the model's distribution. Returns (kept [B] int32 in 0..N, next token [B]).
     """
-    N = num_beams
-
-    def score(lp: float, n: int) -> float:
-        return lp / n**length_penalty
-
-    logits = model(mx.array([list(prompt)]), cache=cache)[:, -1]
-    beams: list[tuple[list[int], float]] = [([], 0.0)]  # (tokens, summed logprob)
-    finished: list[BeamResult] = []
-    done = False
-    for t in range(1, max_tokens + 1):
-        logits = logits.astype(mx.float32)
-        logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # [beams, V]
-        cand = (mx.array([lp for _, lp in beams])[:, None] + logp).reshape(-1)
-        k = min(2 * N, cand.size)
-        top = mx.argpartition(-cand, k - 1)[:k]
-        top = top[mx.argsort(-cand[top])]
-        V = logp.shape[-1]
-        rows, new = [], []
-        for rank, (i, lp) in enumerate(zip(top.tolist(), cand[top].tolist())):
-            parent, token = divmod(i, V)
-            if token == eos_id:
-                if rank < N:  # eos counts only among the top num_beams candidates
-                    toks = beams[parent][0] + [token]
-                    finished.append(BeamResult(toks, lp, score(lp, t)))
-                continue
-            rows.append(parent)
-            new.append((beams[parent][0] + [token], lp))
-            if len(new) == N:
-                break
-        finished = sorted(finished, key=lambda r: -r.score)[:N]
-        beams = new
-        if len(finished) == N:
-            best_live = max(lp for _, lp in beams)
-            bound = score(best_live, max_tokens if length_penalty > 0 else t)  # lp only falls
-            if early_stopping or bound <= finished[-1].score:
-                done = True
-                break
-        if t == max_tokens:
-            break
-        for c in cache:
-            c.reorder(mx.array(rows))
-        logits = model(mx.array([[b[0][-1]] for b in beams]), cache=cache)[:, -1]
-    if not done:
-        finished += [BeamResult(toks, lp, score(lp, len(toks))) for toks, lp in beams]
-    return max(finished, key=lambda r: r.score)
+    B, N = drafts.shape
+    if greedy:
+        best = mx.argmax(p_logits, axis=-1)  # [B, N+1]
+        ok = (best[:, :N] == drafts).astype(mx.int32)
+        kept = mx.cumprod(ok, axis=1).sum(axis=1)
+        return kept, mx.take_along_axis(best, kept[:, None], axis=1)[:, 0]
+    p = mx.softmax(p_logits.astype(mx.float32), axis=-1)
+    q = mx.softmax(q_logits.astype(mx.float32), axis=-1)
+    pd = mx.take_along_axis(p[:, :N], drafts[..., None], axis=-1)[..., 0]  # [B, N]
+    qd = mx.take_along_axis(q, drafts[..., None], axis=-1)[..., 0]
+    k_accept, k_draw = mx.random.split(key)
+    u = mx.random.uniform(shape=(B, N), key=k_accept)
+    kept = mx.cumprod((u * qd < pd).astype(mx.int32), axis=1).sum(axis=1)  # [B]
+    at = kept[:, None, None]
+    p_at = mx.take_along_axis(p, at, axis=1)[:, 0]  # [B, V]
+    q_at = mx.take_along_axis(mx.concatenate([q, mx.zeros_like(q[:, :1])], 1), at, axis=1)[:, 0]
+    resid = mx.maximum(p_at - q_at, 0.0)
+    resid = mx.where(resid.sum(-1, keepdims=True) > 0, resid, p_at)  # p == q: never rejected
+    return kept, mx.random.categorical(mx.log(resid), key=k_draw)

@@ -30,9 +30,8 @@ from mlx_model.config import preset
 from mlx_model.data import _default_corpus, train_tokenizer
 from mlx_model.model import Model
 
-# the module: the package attribute `mlx_model.generate` is the generate() function
-G = importlib.import_module("mlx_model.generate")
-D = importlib.import_module("mlx_model.decoding")
+G = importlib.import_module("mlx_model.generation")  # text level: generate, stream, _push
+D = importlib.import_module("mlx_model.engine")  # token level: Engine, masks
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = ["mla", "mqa"]
 
@@ -191,11 +190,11 @@ def seq_logprob(model, prompt: list[int], gen: list[int]) -> float:
 def test_greedy_equals_top_k_1_equals_beam_1(models, kind):
     model, prompt, n = models[kind], rand_ids(5, (9,)).tolist(), 12
     params = S.SamplingParams(max_tokens=n, temperature=0)
-    greedy = [t[0] for t in G.decode(model, [prompt], params, compiled=False)]
+    greedy = [t[0] for t in D.Engine(model).decode([prompt], params, compiled=False)]
     top1 = S.SamplingParams(max_tokens=n, temperature=1.5, top_k=1, top_p=1.0, seed=3)
     assert greedy == reference_greedy(model, prompt, n)
-    assert [t[0] for t in G.decode(model, [prompt], top1, compiled=False)] == greedy
-    assert S.beam_search(model, make_cache(model.args), prompt, 1, n).tokens == greedy
+    assert [t[0] for t in D.Engine(model).decode([prompt], top1, compiled=False)] == greedy
+    assert D.Engine(model).beam_search(prompt, 1, n).tokens == greedy
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -204,7 +203,7 @@ def test_beam_search_logprob_at_least_greedy(models, kind):
     for seed in range(3):
         prompt = rand_ids(10 + seed, (6,)).tolist()
         greedy = reference_greedy(model, prompt, n)
-        res = S.beam_search(model, make_cache(model.args), prompt, 4, n)
+        res = D.Engine(model).beam_search(prompt, 4, n)
         lp = seq_logprob(model, prompt, res.tokens)
         assert abs(lp - res.logprob) < 1e-3, "beam search's own sum of log-probabilities is wrong"
         assert lp >= seq_logprob(model, prompt, greedy) - 1e-4
@@ -215,9 +214,16 @@ class TableModel:
 
     def __init__(self, probs: np.ndarray):
         self.logits = mx.array(np.log(np.maximum(probs, 1e-30)).astype(np.float32))
+        self.args = preset("tiny").replace(num_hidden_layers=0, vocab_size=len(probs))
+
+    def parameters(self) -> dict:
+        return {}
 
     def __call__(self, ids: mx.array, cache=None, mask=None) -> mx.array:
         return self.logits[ids]  # [B, T, V]
+
+    def forward(self, ids: mx.array, cache=None, mask=None):
+        return self.logits[ids], None, []
 
 
 def test_beam_search_beats_myopic_greedy():
@@ -226,8 +232,8 @@ def test_beam_search_beats_myopic_greedy():
     p[0] = [0, 0.6, 0.4, 0, 0]
     p[2] = [0.0025, 0.0025, 0.0025, 0.99, 0.0025]
     fake = TableModel(p)
-    greedy = S.beam_search(fake, [], [0], num_beams=1, max_tokens=2)
-    beam = S.beam_search(fake, [], [0], num_beams=2, max_tokens=2)
+    greedy = D.Engine(fake).beam_search([0], num_beams=1, max_tokens=2)
+    beam = D.Engine(fake).beam_search([0], num_beams=2, max_tokens=2)
     assert greedy.tokens[0] == 1 and beam.tokens == [2, 3]
     assert math.isclose(greedy.logprob, math.log(0.6) + math.log(0.2), rel_tol=1e-5)
     assert math.isclose(beam.logprob, math.log(0.4) + math.log(0.99), rel_tol=1e-5)
@@ -240,9 +246,9 @@ def test_beam_search_eos_and_length_penalty():
     p[0] = [0, 0.5, 0, 0, 0.5]
     p[1] = [0.025, 0.9, 0.025, 0.025, 0.025]
     fake = TableModel(p)
-    flat = S.beam_search(fake, [], [0], 2, 3, eos_id=4, length_penalty=0.0)
+    flat = D.Engine(fake).beam_search([0], 2, 3, eos_id=4, length_penalty=0.0)
     assert flat.tokens == [4] and math.isclose(flat.score, math.log(0.5), rel_tol=1e-5)
-    long = S.beam_search(fake, [], [0], 2, 3, eos_id=4, length_penalty=1.0)  # -0.90/3 > -0.69
+    long = D.Engine(fake).beam_search([0], 2, 3, eos_id=4, length_penalty=1.0)  # -0.90/3 > -0.69
     assert long.tokens == [1, 1, 1]
     assert math.isclose(long.score, (math.log(0.5) + 2 * math.log(0.9)) / 3, rel_tol=1e-5)
 
@@ -253,7 +259,7 @@ def test_beam_eos_counts_only_among_top_beams():
     p = np.full((5, 5), 0.175)
     p[0] = [0, 0.6, 0, 0, 0.4]
     p[1, 1] = 0.3
-    res = S.beam_search(TableModel(p), [], [0], 1, 2, eos_id=4, length_penalty=0.0)
+    res = D.Engine(TableModel(p)).beam_search([0], 1, 2, eos_id=4, length_penalty=0.0)
     assert res.tokens[0] == 1 and len(res.tokens) == 2
     # Width 2, eos = 5. Step 2 ranks: B-eos, A-C, A-eos (rank 2: not a hypothesis), B-D.
     # Step 3: A-C-eos finishes; with early stopping and length_penalty 1 it beats B-eos
@@ -264,8 +270,8 @@ def test_beam_eos_counts_only_among_top_beams():
     p[2] = [0.025, 0.025, 0.025, 0.025, 0.2, 0.7]
     p[3] = [0.002] * 5 + [0.99]
     p[4] = 1 / 6
-    res = S.beam_search(
-        TableModel(p), [], [0], 2, 3, eos_id=5, length_penalty=1.0, early_stopping=True
+    res = D.Engine(TableModel(p)).beam_search(
+        [0], 2, 3, eos_id=5, length_penalty=1.0, early_stopping=True
     )
     assert res.tokens == [1, 3, 5]
     assert math.isclose(
@@ -359,20 +365,20 @@ def test_batched_equals_one_by_one(models, kind):
     model = models[kind]
     prompts = [rand_ids(20 + i, (n,)).tolist() for i, n in enumerate([3, 9, 6])]
     params = S.SamplingParams(max_tokens=10, temperature=0)
-    batched = np.array(list(G.decode(model, prompts, params, compiled=False))).T.tolist()
+    batched = np.array(list(D.Engine(model).decode(prompts, params, compiled=False))).T.tolist()
     for p, b in zip(prompts, batched):
-        assert b == [t[0] for t in G.decode(model, [p], params, compiled=False)]
+        assert b == [t[0] for t in D.Engine(model).decode([p], params, compiled=False)]
 
 
 def test_presence_penalty_bans_seen_tokens(models):
     """A huge presence penalty under greedy: no prompt token and no repeated token."""
     model, prompt = models["mqa"], rand_ids(40, (5,)).tolist()
     params = S.SamplingParams(max_tokens=12, temperature=0, presence_penalty=1e4)
-    out = [t[0] for t in G.decode(model, [prompt], params, compiled=False)]
+    out = [t[0] for t in D.Engine(model).decode([prompt], params, compiled=False)]
     plain = [
         t[0]
-        for t in G.decode(
-            model, [prompt], S.SamplingParams(max_tokens=12, temperature=0), compiled=False
+        for t in D.Engine(model).decode(
+            [prompt], S.SamplingParams(max_tokens=12, temperature=0), compiled=False
         )
     ]
     assert len(set(out)) == len(out) and not set(out) & set(prompt)
@@ -387,7 +393,7 @@ def test_temperature_schedule_ends_greedy(models):
         params = S.SamplingParams(
             max_tokens=3, temperature=8.0, temperature_end=0.0, top_p=1.0, seed=seed
         )
-        out = [t[0] for t in G.decode(model, [prompt], params, compiled=False)]
+        out = [t[0] for t in D.Engine(model).decode([prompt], params, compiled=False)]
         firsts.add(out[0])
         assert out[-1] == reference_greedy(model, prompt + out[:-1], 1)[0]
     assert len(firsts) > 1
@@ -409,8 +415,8 @@ def test_compiled_step_equals_eager(models):
             seed=5,
         ),
     ):
-        eager = list(G.decode(model, prompts, params, compiled=False))
-        assert list(G.decode(model, prompts, params, compiled=True)) == eager
+        eager = list(D.Engine(model).decode(prompts, params, compiled=False))
+        assert list(D.Engine(model).decode(prompts, params, compiled=True)) == eager
 
 
 def test_batched_text_and_stop_strings(models, tok):

@@ -313,11 +313,13 @@ def test_training_output_is_hf_checkpoint(trained, variant):
     lm_greedy = until_eos([int(t) for t, _ in steps], eos)
     assert mine == hf_greedy == lm_greedy, (mine, hf_greedy, lm_greedy)
     try:  # our cached decode, when the generation module is there
-        from mlx_model.generate import decode
+        from mlx_model.engine import Engine
         from mlx_model.sampling import SamplingParams
     except ImportError:
         return
-    cached = [t[0] for t in decode(ours, [prompt], SamplingParams(max_tokens=n, temperature=0.0))]
+    cached = [
+        t[0] for t in Engine(ours).decode([prompt], SamplingParams(max_tokens=n, temperature=0.0))
+    ]
     assert until_eos(cached, eos) == mine
 
 
@@ -458,11 +460,13 @@ def test_convert_from_hf_cli(hf_dirs, work):
     lm_greedy = until_eos([int(t) for t, _ in steps], eos)
     assert mine == theirs == lm_greedy, (mine, theirs, lm_greedy)
     try:  # our cached (absorbed-MLA) decode, when the generation module is there
-        from mlx_model.generate import decode
+        from mlx_model.engine import Engine
         from mlx_model.sampling import SamplingParams
     except ImportError:
         return
-    cached = [t[0] for t in decode(ours, [prompt], SamplingParams(max_tokens=n, temperature=0.0))]
+    cached = [
+        t[0] for t in Engine(ours).decode([prompt], SamplingParams(max_tokens=n, temperature=0.0))
+    ]
     assert until_eos(cached, eos) == mine
 
 

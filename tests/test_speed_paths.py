@@ -195,8 +195,8 @@ def test_bfloat16_experts_run_on_any_device(seed):
 
 
 def test_cached_decode_step_sees_new_weights():
-    """generate reuses its compiled decode step across calls, but never with stale weights."""
-    from mlx_model.generate import decode
+    """An Engine reuses its compiled decode step across calls, but never with stale weights."""
+    from mlx_model.engine import Engine
     from mlx_model.sampling import SamplingParams
 
     args = tiny_args()
@@ -204,14 +204,17 @@ def test_cached_decode_step_sees_new_weights():
     model.eval()
     params = SamplingParams(max_tokens=6, temperature=0.0, top_p=1.0)
     prompt = [[1, 2, 3, 4]]
-    first = list(decode(model, prompt, params))
-    assert list(decode(model, prompt, params)) == first  # reused step, same tokens
+    engine = Engine(model)
+    first = list(engine.decode(prompt, params))
+    step = next(iter(engine.steps.values()))
+    assert list(engine.decode(prompt, params)) == first  # reused step, same tokens
+    assert next(iter(engine.steps.values())) is step
     other = Model(args)  # new random weights loaded into the same model object
     other.eval()
     model.update(other.parameters())
-    want = list(decode(other, prompt, params, compiled=False))
+    want = list(Engine(other).decode(prompt, params, compiled=False))
     assert want != first  # (else this test could not tell stale weights from fresh ones)
-    assert list(decode(model, prompt, params)) == want
+    assert list(engine.decode(prompt, params)) == want
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -353,12 +353,13 @@ class GenerateWorker:
     def run(self) -> dict:
         n = self.spec["new_tokens"]
         if self.name == "mlx_model":
-            from mlx_model.generate import Stats, decode
+            from mlx_model.engine import Engine, Stats
             from mlx_model.sampling import SamplingParams
 
             stats = Stats()
             params = SamplingParams(max_tokens=n, temperature=0.0, top_p=1.0)
-            self.tokens = [t[0] for t in decode(self.model, [self.prompt], params, stats)]
+            engine = Engine(self.model)
+            self.tokens = [t[0] for t in engine.decode([self.prompt], params, stats)]
             self.cache_bytes = stats.cache_bytes_per_token
             return {"tokens_per_s": stats.generated_tokens / stats.generate_time}
         from mlx_lm.generate import stream_generate
@@ -412,8 +413,8 @@ def worker_main(kind: str, name: str, ckpt: str, spec_json: str) -> None:
     for mod in {
         "torch_reference": ["torch", "torch_reference.loss"],
         "peak": ["torch", "mlx.core"],
-        "mlx_model": ["mlx.core", "mlx_model.train", "mlx_model.generate"],
-        "mlx_dense": ["mlx.core", "mlx_model.train", "mlx_model.generate"],
+        "mlx_model": ["mlx.core", "mlx_model.train", "mlx_model.engine"],
+        "mlx_dense": ["mlx.core", "mlx_model.train", "mlx_model.engine"],
         "mlx_lm": ["mlx.core", "mlx_lm.utils", "mlx_lm.generate", "mlx_lm.tuner.trainer"],
     }[name]:
         importlib.import_module(mod)
