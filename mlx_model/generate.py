@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
                 )
         model, tokenizer = load(a.model, a.quantize, a.group_size)
         spec = speculative_from_args(a, tokenizer)
+        if spec is not None:  # refuse before any output
+            spec.check(model, params)
         engine = Engine(model)
         window = model.args.max_position_embeddings
         for p in prompts:  # all bad prompts fail before any output

@@ -604,7 +604,7 @@ def test_bad_inputs(hf_dirs, trained, work, capfd):
     quant = bad / "quantized"
     convert(str(trained("q_proj")), str(quant), quantize=True, q_group_size=32)
     with pytest.raises(
-        CheckpointError, match="'quantization': quantized checkpoints are not supported"
+        CheckpointError, match="'quantization': quantized weights serve generation only"
     ):
         load_model(quant)
     cfg = json.loads((quant / "config.json").read_text())

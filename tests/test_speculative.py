@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import mlx_model  # noqa: F401  # isort: skip  (loads a fast BLAS before MLX)
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_map
 
 from mlx_model.cache import StaticKVCache
+from mlx_model.checkpoint import save_model
 from mlx_model.config import preset
+from mlx_model.data import _default_corpus, train_tokenizer
 from mlx_model.engine import Engine, Stats
 from mlx_model.model import Model, attention_mask
 from mlx_model.sampling import SamplingParams, process_logits, speculative_accept
 from mlx_model.speculative import MTPDrafter, SpeculativeError, make_round, run
 
 KINDS = ["mla", "mqa"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_args(kind: str, **kw):
@@ -221,3 +229,43 @@ def test_refusals(models):
     other = new_model(make_args("mla", vocab_size=300), 4)
     with pytest.raises(SpeculativeError, match="same tokenizer"):
         spec_tokens(Engine(models["mla"]), p, greedy, 2, other)
+
+
+# ------------------------------------------------------------------------------- CLI
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "mlx_model.generate", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, models):
+    tok = train_tokenizer(_default_corpus()[:40], vocab_size=400)
+    d = tmp_path_factory.mktemp("spec")
+    save_model(d / "mtp", models["mla"], tok)
+    save_model(d / "plain", new_model(make_args("mla"), 3), tok)
+    other = train_tokenizer(_default_corpus()[40:80], vocab_size=380)
+    save_model(d / "other", new_model(make_args("mla"), 4), other)
+    return d
+
+
+def test_cli_speculative_prints_the_same_and_refuses_bad_input(ckpts):
+    m = ("--model", str(ckpts / "mtp"), "--prompt", "The", "--max-tokens", "24")
+    greedy = (*m, "--temperature", "0", "--no-compile")
+    plain = run_cli(*greedy)
+    spec = run_cli(*greedy, "--speculative", "mtp", "--num-draft", "2", "--verbose")
+    draft = run_cli(*greedy, "--draft-model", str(ckpts / "plain"))
+    assert plain.returncode == spec.returncode == draft.returncode == 0, spec.stderr
+    assert spec.stdout.startswith(plain.stdout) and "acceptance" in spec.stdout
+    assert draft.stdout == plain.stdout
+    for flags, words in (
+        (["--model", str(ckpts / "plain"), "--speculative", "mtp"], ["no MTP weights"]),
+        (["--speculative", "mtp", "--num-draft", "0"], ["--num-draft 0"]),
+        (["--quantize", "3"], ["--quantize 3"]),
+        (["--draft-model", str(ckpts / "other")], ["tokenizer"]),
+    ):
+        r = run_cli(*m, *flags)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and r.stdout == "" and len(lines) == 1, r.stderr
+        assert lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
+        assert all(w in lines[0] for w in words), lines[0]
