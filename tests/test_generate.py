@@ -27,12 +27,21 @@ from mlx_model import sampling as S
 from mlx_model.cache import StaticKVCache, make_cache
 from mlx_model.checkpoint import save_model
 from mlx_model.config import preset
-from mlx_model.data import _default_corpus, train_tokenizer
+from mlx_model.data import train_tokenizer
 from mlx_model.model import Model
 
 G = importlib.import_module("mlx_model.generation")  # text level: generate, stream, _push
 D = importlib.import_module("mlx_model.engine")  # token level: Engine, masks
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pydoc_topics() -> list[str]:
+    """Python's pydoc topic texts (offline English), one document per topic, sorted."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
+
+
 KINDS = ["mla", "mqa"]
 
 
@@ -64,7 +73,7 @@ def make_args(kind: str):
 
 @pytest.fixture(scope="module")
 def tok():
-    return train_tokenizer(_default_corpus()[:40], vocab_size=400)
+    return train_tokenizer(pydoc_topics()[:40], vocab_size=400)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from mlx.utils import tree_map
 from mlx_model.cache import StaticKVCache
 from mlx_model.checkpoint import save_model
 from mlx_model.config import preset
-from mlx_model.data import _default_corpus, train_tokenizer
+from mlx_model.data import train_tokenizer
 from mlx_model.engine import Engine, Stats
 from mlx_model.model import Model, attention_mask
 from mlx_model.sampling import SamplingParams, process_logits, speculative_accept
@@ -32,6 +32,13 @@ from mlx_model.speculative import MTPDrafter, SpeculativeError, make_round, run
 
 KINDS = ["mla", "mqa"]
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pydoc_topics() -> list[str]:
+    """Python's pydoc topic texts (offline English), one document per topic, sorted."""
+    from pydoc_data.topics import topics
+
+    return [topics[k] for k in sorted(topics)]
 
 
 def make_args(kind: str, **kw):
@@ -240,11 +247,11 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory, models):
-    tok = train_tokenizer(_default_corpus()[:40], vocab_size=400)
+    tok = train_tokenizer(pydoc_topics()[:40], vocab_size=400)
     d = tmp_path_factory.mktemp("spec")
     save_model(d / "mtp", models["mla"], tok)
     save_model(d / "plain", new_model(make_args("mla"), 3), tok)
-    other = train_tokenizer(_default_corpus()[40:80], vocab_size=380)
+    other = train_tokenizer(pydoc_topics()[40:80], vocab_size=380)
     save_model(d / "other", new_model(make_args("mla"), 4), other)
     return d
 
