@@ -11,7 +11,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # run from any directory
 
-import mlx_model  # noqa: E402,F401  # isort: skip  (first: loads a fast BLAS before mlx.core)
+from mlx_model import speedups  # noqa: E402  # isort: skip
+
+speedups.enable()  # before mlx.core is imported: fast BLAS and vectorised kernels keep tests fast
 
 import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402

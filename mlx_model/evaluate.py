@@ -11,9 +11,12 @@ import argparse
 import math
 import sys
 
-import numpy as np
+if __name__ == "__main__":  # run as a program: fast BLAS + kernels before mlx.core is imported
+    from mlx_model.speedups import enable_for_cli
 
-import mlx_model  # noqa: F401  (loads a fast BLAS before MLX)
+    enable_for_cli()
+
+import numpy as np
 
 from .checkpoint import CheckpointError, load_model, require_dir
 from .data import DataError, Tokenizer, eval_batches, load_texts

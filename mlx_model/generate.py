@@ -11,11 +11,14 @@ imports it.
 
 from __future__ import annotations
 
-import mlx_model  # noqa: F401  # isort: skip  (loads a fast BLAS before MLX)
-
 import argparse
 import sys
 from pathlib import Path
+
+if __name__ == "__main__":  # run as a program: fast BLAS + kernels before mlx.core is imported
+    from mlx_model.speedups import enable_for_cli
+
+    enable_for_cli()
 
 from .checkpoint import CheckpointError
 from .data import DataError

@@ -23,11 +23,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+if __name__ == "__main__":  # run as a program: fast BLAS + kernels before mlx.core is imported
+    from mlx_model.speedups import enable_for_cli
+
+    enable_for_cli()
+
 import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
-
-import mlx_model  # noqa: F401  (loads a fast BLAS before MLX)
 
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelArgs, preset

@@ -1,4 +1,4 @@
-"""The fast BLAS that `import mlx_model` loads for MLX's CPU backend gives correct results.
+"""The fast BLAS that `mlx_model.speedups.enable()` loads for MLX's CPU backend gives correct results.
 
 Each check runs in a fresh interpreter: the library must be loaded before `mlx.core` is first
 imported, and pytest's own process imported MLX long ago. Correctness only, no timings.
@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # against NumPy float64 on seeded inputs.
 CHECK = r"""
 import json, sys
-import mlx_model
-from mlx_model._blas import blas_path, ensure_native_codegen
+from mlx_model import speedups
+st = speedups.enable()
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -37,7 +37,7 @@ def rel(x, ref):
     x, ref = np.asarray(x, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
 
-out = {"blas": blas_path(), "codegen": ensure_native_codegen()}
+out = {"blas": st.blas, "codegen": st.kernels}
 ref = a.astype(np.float64) @ b.astype(np.float64)
 out["matmul"] = rel(mx.array(a) @ mx.array(b), ref)
 out["matmul_t"] = rel(mx.array(b).T @ mx.array(a).T, ref.T)  # transposed operands
@@ -62,7 +62,8 @@ def run_check(env_extra: dict, tmp_path: Path, code: str = CHECK) -> dict:
         if k not in ("MLX_MODEL_BLAS", "MLX_MODEL_NATIVE_CODEGEN")
     }
     env.update(env_extra)
-    env["TMPDIR"] = str(tmp_path)  # a fresh MLX kernel cache: compiled kernels are really built
+    env["TMPDIR"] = str(tmp_path)  # MLX's shared kernel cache: must stay untouched by ours
+    env["MLX_MODEL_KERNEL_CACHE"] = str(tmp_path / "kernels")  # fresh: kernels are really built
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     p = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
@@ -89,8 +90,9 @@ def test_default_blas_is_correct(tmp_path):
     check_errors(out)
     if sys.platform.startswith("linux") and installed("mkl"):  # the `fast` extra
         assert out["blas"] and "libmkl_rt" in out["blas"], out
-    if out["codegen"]:  # the kernel went through the g++ wrapper into the fresh cache
-        assert list(tmp_path.glob("mlx/*/cpu/lib*.so")), out
+    if out["codegen"]:  # the kernel went through the g++ wrapper into the fresh private cache
+        assert list(tmp_path.glob("kernels/jit-*/tmp/mlx/*/cpu/lib*.so")), out
+        assert not (tmp_path / "mlx").exists(), "MLX's shared kernel cache was used"
 
 
 def test_blas_none_still_works(tmp_path):
@@ -117,7 +119,8 @@ def test_torch_and_numpy_beside_it(tmp_path):
     """torch (its own MKL and OpenMP) and NumPy (its OpenBLAS) still compute right beside it."""
     code = r"""
 import json
-import mlx_model
+from mlx_model import speedups
+speedups.enable()
 import torch
 import numpy as np
 import mlx.core as mx
@@ -141,8 +144,8 @@ def test_vectorised_kernels_compute_what_mlx_does(tmp_path):
     libmlx.so's scalar one, one call per element; a hidden one is inlined and vectorised)."""
     code = r"""
 import json
-import mlx_model
-from mlx_model._blas import ensure_native_codegen
+from mlx_model import speedups
+st = speedups.enable()
 import mlx.core as mx
 import numpy as np
 rng = np.random.default_rng(0)
@@ -156,7 +159,7 @@ fns = {
     "tanh": lambda a, b: mx.tanh(a) + b,
     "select": lambda a, b: mx.where(a > b, a * 2, b - 1),
 }
-out = {"codegen": ensure_native_codegen()}
+out = {"codegen": st.kernels}
 for name, f in fns.items():
     got, ref = np.array(mx.compile(f)(x, y)), np.array(f(x, y))
     out[name] = bool(np.array_equal(got, ref, equal_nan=True))
@@ -168,7 +171,7 @@ print(json.dumps(out))
     if codegen:
         import shutil
 
-        libs = list(tmp_path.glob("mlx/*/cpu/lib*.so"))
+        libs = list(tmp_path.glob("kernels/jit-*/tmp/mlx/*/cpu/lib*.so"))
         assert libs
         nm = shutil.which("nm")
         if nm:

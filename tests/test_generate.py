@@ -10,8 +10,6 @@ test_compiled_step_equals_eager checks that the compiled step gives the same tok
 
 from __future__ import annotations
 
-import mlx_model  # noqa: F401  # isort: skip  (loads a fast BLAS before MLX)
-
 import importlib
 import math
 import os

@@ -1,1 +1,1 @@
-import mlx_model  # noqa: F401  (loads a fast BLAS before MLX)
+"""Command-line tools: convert, bench (+ its workers), plot. Importing them sets nothing up."""

@@ -400,12 +400,10 @@ def _word_tokenizer(vocab: int) -> Any:
 
 def worker_main(kind: str, name: str, ckpt: str, spec_json: str) -> None:
     """A contender's process: build, warm up, then answer `run` / `quit` lines on stdin."""
-    if name != "torch_reference":
-        from mlx_model import _blas
+    if name != "torch_reference":  # torch's process keeps its own BLAS and OpenMP only
+        from mlx_model.speedups import enable_for_cli
 
-        _blas.ensure_fast_blas()
-        if hasattr(_blas, "ensure_native_codegen"):
-            _blas.ensure_native_codegen()
+        enable_for_cli()
     spec = json.loads(spec_json)
     import importlib
 
