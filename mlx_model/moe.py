@@ -43,8 +43,9 @@ def select_experts(
         top2 = mx.sort(grouped, axis=-1)[..., -2:].sum(-1)  # [..., G]
         drop = mx.argsort(top2, axis=-1)[..., : G - args.topk_group]  # weakest groups
         keep = 1.0 - mx.sum(mx.expand_dims(drop, -1) == mx.arange(G), axis=-2)  # [..., G]
-        # Masked groups are filled with 0, as transformers and mlx-lm do (SPEC section 7).
-        choice = (grouped * keep[..., None]).reshape(choice.shape)
+        # Masked groups get -inf, as in DeepSeek-V3's inference code and transformers (SPEC
+        # section 7; mlx-lm fills 0): only experts of kept groups can be chosen.
+        choice = mx.where(keep[..., None] > 0, grouped, -mx.inf).reshape(choice.shape)
     indices = mx.stop_gradient(mx.argsort(-choice, axis=-1)[..., :k])
     weights = mx.take_along_axis(scores, indices, axis=-1)
     if args.norm_topk_prob:

@@ -56,7 +56,7 @@ def margins(logits: np.ndarray, bias: np.ndarray, args) -> np.ndarray:
         gs = -np.sort(-group_score, -1)
         gap = np.minimum(gap, gs[..., tg - 1] - gs[..., tg])
         keep = group_score >= gs[..., tg - 1 : tg]
-        choice = (grouped * keep[..., None]).reshape(choice.shape)
+        choice = np.where(keep[..., None], grouped, -np.inf).reshape(choice.shape)
     c = -np.sort(-choice, -1)[..., : k + 1]  # best first; gaps between ranks 1..k+1 (order too)
     return np.minimum(gap, np.diff(-c, axis=-1).min(-1))
 

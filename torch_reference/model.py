@@ -202,7 +202,8 @@ def select_experts(logits: torch.Tensor, bias: torch.Tensor, args: ModelArgs):
         group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [..., G]: top-2 sum per group
         kept = group_score.topk(args.topk_group, dim=-1).indices
         keep = torch.zeros_like(group_score).scatter(-1, kept, 1.0)
-        choice = (grouped * keep[..., None]).flatten(-2)  # masked groups filled with 0
+        # masked groups get -inf (DeepSeek-V3 inference/model.py Gate.forward; transformers 5.24)
+        choice = grouped.masked_fill(keep[..., None] == 0, float("-inf")).flatten(-2)
     indices = choice.topk(k, dim=-1).indices  # sorted, best first
     weights = scores.gather(-1, indices)
     if args.norm_topk_prob:
