@@ -9,8 +9,6 @@ on tiny vocabularies with the bounds stated at each assertion.
 
 from __future__ import annotations
 
-import mlx_model  # noqa: F401  # isort: skip  (loads a fast BLAS before MLX)
-
 import os
 import subprocess
 import sys
