@@ -91,6 +91,11 @@ class ModelArgs:
     bias_update_speed: float = help_field(
         0.001, "gamma of the auxiliary-loss-free routing-bias update (0 = off)"
     )
+    bias_update_rule: str = help_field(
+        "sign",
+        "sign: b_i += gamma * sign(mean - c_i) (DeepSeek-V3); relative: "
+        "b_i += gamma * (mean - c_i) / mean (moves in proportion to the load error)",
+    )
     balance_loss_alpha: float = help_field(1e-4, "weight of the sequence-wise balance loss")
     capacity_factor: float = help_field(
         0.0,
@@ -171,6 +176,9 @@ def field_help() -> dict[str, str]:
 
 
 # ------------------------------------------------------------------- validation
+BIAS_UPDATE_RULES = ("sign", "relative")
+
+
 @dataclass(frozen=True)
 class Rule:
     """One validation rule: `ok(args)` must hold, else `why` (formatted with a=args) is the fix."""
@@ -305,6 +313,11 @@ RULES: tuple[Rule, ...] = (
         "capacity_factor", lambda a: a.capacity_factor >= 0, "must be >= 0 (0 = no token dropping)"
     ),
     Rule("bias_update_speed", lambda a: a.bias_update_speed >= 0, "must be >= 0"),
+    Rule(
+        "bias_update_rule",
+        lambda a: a.bias_update_rule in BIAS_UPDATE_RULES,
+        "choose 'sign' or 'relative'",
+    ),
     Rule("balance_loss_alpha", lambda a: a.balance_loss_alpha >= 0, "must be >= 0"),
     Rule("mtp_loss_weight", lambda a: a.mtp_loss_weight >= 0, "must be >= 0"),
     Rule("num_nextn_predict_layers", lambda a: a.num_nextn_predict_layers >= 0, "must be >= 0"),

@@ -93,13 +93,26 @@ def moe_layers(model: Model) -> list[MoE]:
     return [b.mlp for b in blocks if isinstance(b.mlp, MoE)]
 
 
+def bias_delta(counts: mx.array, gamma: float, rule: str) -> mx.array:
+    """The routing-bias move [n_moe_layers, E] for one step's summed counts (SPEC section 4).
+
+    sign (DeepSeek-V3): gamma * sign(mean - c_i): every expert moves by gamma every step, also
+    when the load is nearly even, so a gamma fast enough for a short run keeps the routing
+    jittering. relative: gamma * (mean - c_i) / mean: the move shrinks with the load error, fast
+    for a badly overloaded expert, quiet near balance."""
+    c = counts.astype(mx.float32)
+    mean = c.mean(-1, keepdims=True)
+    if rule == "relative":
+        return gamma * (mean - c) / mx.maximum(mean, 1e-9)
+    return gamma * mx.sign(mean - c)
+
+
 def update_bias(model: Model, counts: mx.array) -> None:
-    """Auxiliary-loss-free balancing, once per optimizer step: b_i += gamma * sign(mean - c_i),
-    with c the step's summed counts [n_moe_layers, E] (all micro-batches and processes)."""
+    """Auxiliary-loss-free balancing, once per optimizer step: b += bias_delta(c), with c the
+    step's summed counts [n_moe_layers, E] (all micro-batches and processes)."""
     gamma = model.args.bias_update_speed
     if gamma == 0:
         return
-    c = counts.astype(mx.float32)
-    delta = gamma * mx.sign(c.mean(-1, keepdims=True) - c)
+    delta = bias_delta(counts, gamma, model.args.bias_update_rule)
     for layer, d in zip(moe_layers(model), delta):
         layer.gate.e_score_correction_bias = layer.gate.e_score_correction_bias + d

@@ -150,7 +150,13 @@ def _init_from_args(cfg: TrainConfig, args: ModelArgs) -> ModelArgs:
     """--init-from: the checkpoint's architecture with this run's training-only model keys."""
     if not cfg.init_from or cfg.resume:
         return args
-    keep = ("bias_update_speed", "balance_loss_alpha", "capacity_factor", "mtp_loss_weight")
+    keep = (
+        "bias_update_speed",
+        "bias_update_rule",
+        "balance_loss_alpha",
+        "capacity_factor",
+        "mtp_loss_weight",
+    )
     return ckpt.load_args(cfg.init_from).replace(**{k: getattr(args, k) for k in keep})
 
 

@@ -26,6 +26,7 @@ from conftest import (
     to_np,
     twins,
 )
+from mlx_model.config import BIAS_UPDATE_RULES
 from mlx_model.loss import loss_terms, moe_layers, update_bias
 from mlx_model.optim import clip_by_global_norm, lr_at, make_optimizer
 
@@ -50,9 +51,9 @@ CASES = [
 STEP_CASES = [("mla-mtp", 2, 9), ("mqa-capacity", 3, 16), ("mla-plain", 1, 5)]
 
 
-def setup(config: str, seed: int, B: int, T: int):
+def setup(config: str, seed: int, B: int, T: int, **overrides):
     """Twins in training mode with the same non-zero routing biases; tokens [B, T+1]."""
-    args = CONFIGS[config]()
+    args = CONFIGS[config]().replace(**overrides)
     mlx, ref = twins(args, training=True)
     rng = np.random.default_rng(seed)
     for moe, moe_t in zip(moe_layers(mlx), tl.moe_layers(ref)):
@@ -103,10 +104,18 @@ def test_gradients(seed, config, B, T):
         assert_close(grads[k], grads_t[k], TOL_GRAD, f"grad {k}")
 
 
+def bias_move(counts: np.ndarray, gamma: float, rule: str) -> np.ndarray:
+    """Independent float64 bias update of one step: the sign rule or the relative-error rule."""
+    c = counts.astype(np.float64)
+    mean = c.mean(-1, keepdims=True)
+    return gamma * (np.sign(mean - c) if rule == "sign" else (mean - c) / mean)
+
+
+@pytest.mark.parametrize("rule", BIAS_UPDATE_RULES)
 @pytest.mark.parametrize("config,B,T", STEP_CASES)
-def test_optimizer_steps(seed, config, B, T):
-    """Two steps: loss, grads, clip to 1.0, AdamW (decay on matrices only), bias sign update."""
-    args, mlx, ref, inputs, targets = setup(config, seed, B, T)
+def test_optimizer_steps(seed, config, B, T, rule):
+    """Two steps: loss, grads, clip to 1.0, AdamW (decay on matrices only), bias update."""
+    args, mlx, ref, inputs, targets = setup(config, seed, B, T, bias_update_rule=rule)
     lr, warmup, total, clip = 1e-3, 1, 10, 1.0
     before = {k: to_np(v) for k, v in tree_flatten(mlx.parameters())}
     opt = make_optimizer(lr, weight_decay=0.1)
@@ -138,15 +147,14 @@ def test_optimizer_steps(seed, config, B, T):
         opt_t.step()
         tl.update_bias(ref, terms.counts)
         assert (to_np(counts) == to_np(terms.counts)).all(), f"step {step}: routing differs"
-        c = to_np(counts).astype(np.float64)  # independent sign rule
-        bias_moves = bias_moves + args.bias_update_speed * np.sign(c.mean(-1, keepdims=True) - c)
+        bias_moves = bias_moves + bias_move(to_np(counts), args.bias_update_speed, rule)
         assert_close(norm, norm_t, TOL_LOGITS, f"step {step}: gradient norm")
         assert float(norm_t) > clip, "clipping inactive: the test would not check it"
     after = dict(tree_flatten(mlx.parameters()))
     state_t = ref.state_dict()
     assert sorted(after) == sorted(state_t)
     for k in sorted(after):
-        if "e_score_correction_bias" in k:  # moved by +-gamma per step, no gradient, no decay
+        if "e_score_correction_bias" in k:  # moved by the rule only: no gradient, no decay
             want = before[k] + bias_moves[layers.index(k)]
             assert np.abs(to_np(after[k]) - want).max() < 1e-8, f"{k}: {to_np(after[k])} != {want}"
             assert np.abs(to_np(state_t[k]) - want).max() < 1e-8, (

@@ -47,6 +47,7 @@ CASES = [
     (dict(moe_layer_freq=0), "moe_layer_freq=0: must be >= 1"),
     (dict(capacity_factor=-0.5), "capacity_factor=-0.5: must be >= 0 (0 = no token dropping)"),
     (dict(bias_update_speed=-1.0), "bias_update_speed=-1.0: must be >= 0"),
+    (dict(bias_update_rule="sgn"), "bias_update_rule='sgn': choose 'sign' or 'relative'"),
     (dict(balance_loss_alpha=-1.0), "balance_loss_alpha=-1.0: must be >= 0"),
     (dict(mtp_loss_weight=-1.0), "mtp_loss_weight=-1.0: must be >= 0"),
     (dict(num_nextn_predict_layers=-1), "num_nextn_predict_layers=-1: must be >= 0"),

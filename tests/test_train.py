@@ -16,8 +16,8 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_model import checkpoint as ckpt
-from mlx_model.config import preset
-from mlx_model.loss import cross_entropy, loss_terms, moe_layers, update_bias
+from mlx_model.config import BIAS_UPDATE_RULES, preset
+from mlx_model.loss import bias_delta, cross_entropy, loss_terms, moe_layers, update_bias
 from mlx_model.model import Model
 from mlx_model.train_config import TrainConfig
 from mlx_model.trainer import Trainer, lane_units
@@ -172,9 +172,10 @@ def test_loss_terms_are_consistent_and_ce_nonnegative():
     assert int(t.counts[0].sum().item()) == 2 * 19 * 2
 
 
-def test_bias_update_moves_load_toward_balance():
-    """A router skewed toward expert 0: the sign rule alone must even out the load."""
-    args = preset("tiny").replace(bias_update_speed=0.01)
+@pytest.mark.parametrize("rule", BIAS_UPDATE_RULES)
+def test_bias_update_moves_load_toward_balance(rule):
+    """A router skewed toward expert 0: each bias rule alone must even out the load."""
+    args = preset("tiny").replace(bias_update_speed=0.01, bias_update_rule=rule)
     mx.random.seed(5)
     model = Model(args)
     moe = moe_layers(model)[0]
@@ -199,6 +200,24 @@ def test_bias_update_moves_load_toward_balance():
         update_bias(model, counts()[None])
     after = load()
     assert after < before - 0.3, f"max/mean load {before:.2f} -> {after:.2f}"
+
+
+@pytest.mark.parametrize("rule", BIAS_UPDATE_RULES)
+def test_bias_delta_matches_numpy(seed, rule):
+    """bias_delta vs float64 NumPy on random counts, an empty expert and an even load."""
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, 50, (3, 8))
+    counts[1, 2] = 0
+    counts[2] = 7  # even load: neither rule moves anything
+    got = np.array(bias_delta(mx.array(counts), 0.01, rule), dtype=np.float64)
+    c = counts.astype(np.float64)
+    mean = c.mean(-1, keepdims=True)
+    want = 0.01 * (np.sign(mean - c) if rule == "sign" else (mean - c) / mean)
+    assert np.abs(got - want).max() < 1e-8, f"{rule}: max diff {np.abs(got - want).max()}"
+    assert not got[2].any()
+    if rule == "relative":  # the move grows with the load error; sign moves everyone by gamma
+        err = np.abs(c[0] - mean[0])
+        assert np.argmax(np.abs(got[0])) == np.argmax(err)
 
 
 def test_crash_during_checkpoint_write_keeps_old_checkpoint(tmp_path, monkeypatch):

@@ -79,12 +79,17 @@ def moe_layers(model: Model) -> list[MoE]:
 
 @torch.no_grad()
 def update_bias(model: Model, counts: torch.Tensor) -> None:
-    """b_i += gamma * sign(mean - c_i) per MoE layer, with c the step's counts [n_moe_layers, E]."""
+    """b_i += gamma * sign(mean - c_i) (rule sign) or gamma * (mean - c_i) / mean (rule
+    relative) per MoE layer, with c the step's counts [n_moe_layers, E]."""
     gamma = model.args.bias_update_speed
     if gamma == 0:
         return
     c = counts.to(torch.float64)
-    delta = gamma * torch.sign(c.mean(-1, keepdim=True) - c)
+    mean = c.mean(-1, keepdim=True)
+    if model.args.bias_update_rule == "relative":  # gamma * relative load error
+        delta = gamma * (mean - c) / mean.clamp_min(1e-9)
+    else:  # the sign rule (DeepSeek-V3)
+        delta = gamma * torch.sign(mean - c)
     for layer, d in zip(moe_layers(model), delta):
         bias = layer.gate.e_score_correction_bias
         bias.add_(d.to(bias.device, bias.dtype))
