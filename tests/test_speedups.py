@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -244,3 +245,21 @@ def test_fast_blas_is_quiet(tmp_path):
     if out["slow"]:
         pytest.skip("no fast BLAS installed here")
     assert p.stderr == "" and out["fix"] == "", p.stderr
+
+
+def test_train_cli_leaves_mlx_shared_cache_alone(tmp_path):
+    """A real (tiny, 2-step) training run through the CLI compiles its kernels in our private
+    cache: MLX's shared one under TMPDIR is never created. The cache is the user's usual one
+    (warm, as for this test session) so the run stays short."""
+    from mlx_model import _jit
+
+    rng = np.random.default_rng(0)
+    words = ["".join(rng.choice(list("abcdefgh"), 4)) for _ in range(50)]
+    (tmp_path / "a.txt").write_text("\n".join(" ".join(rng.choice(words, 10)) for _ in range(400)))
+    env = scratch_env(tmp_path, MLX_MODEL_KERNEL_CACHE=_jit.cache_root())
+    args = ["--preset", "tiny", "--max-steps", "2", "--eval-every", "2", "--progress", "false"]
+    args += ["--data", str(tmp_path / "a.txt"), "--cache-dir", str(tmp_path / "data")]
+    p = run("", env, "-m", "mlx_model.train", *args, "--out", str(tmp_path / "out"))
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert not (tmp_path / "tmp" / "mlx").exists(), "MLX's shared kernel cache was written"
