@@ -279,8 +279,8 @@ def print_table(res: dict, repeats: int) -> None:
             elsewhere = "; ".join(f"{v:g}/s on {where} ({src})" for v, where, src in SEED_FIGURES)
             print(
                 f"seed loop (fwd+bwd per micro-batch, AdamW every {A}th): ours {m:.2f} micro-batches/s "
-                f"in this run. The seed's own code, measured elsewhere, not in this run (no ratio: "
-                f"other machines): {elsewhere}"
+                f"in this run. The seed's own code in micro-batches/s, measured elsewhere, not in this run "
+                f"(other machines, so no ratio): {elsewhere}"
             )
         print(
             "peak mem: ru_maxrss of the contender's own process minus its RSS after imports "
