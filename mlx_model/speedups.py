@@ -73,7 +73,9 @@ class Status:
 
 def _global_cblas() -> str | None:
     """The library that provides `cblas_sgemm` in the global symbol scope, if any (a CBLAS
-    preloaded with LD_PRELOAD, or loaded by enable()); MLX's own stays local to libmlx.so."""
+    preloaded with LD_PRELOAD, or loaded by enable()); MLX's own stays local to libmlx.so.
+    Caveat: one loaded globally only after `mlx.core` would show here although MLX bound its
+    bundled BLAS at import (Python loads extensions with RTLD_NOW)."""
 
     class _DlInfo(ctypes.Structure):
         _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p)]
