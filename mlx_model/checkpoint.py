@@ -96,6 +96,15 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
 
+def temp_dir(parent: Path, prefix: str) -> Path:
+    """A new empty directory in `parent`, with the permissions mkdir would give (not 0700)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    return tmp
+
+
 def write_dir(
     out: Path, fill: Callable[[Path], None], merge: bool = True, stale: tuple[str, ...] = ()
 ) -> bool:
@@ -110,7 +119,7 @@ def write_dir(
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}", dir=out.parent))
+    tmp = temp_dir(out.parent, f".tmp-{out.name}")
     try:
         fill(tmp)
         if not out.exists():

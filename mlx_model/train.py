@@ -30,7 +30,7 @@ if __name__ == "__main__":  # run as a program: fast BLAS + kernels before mlx.c
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelArgs, preset
@@ -47,6 +47,7 @@ from .train_config import (  # noqa: F401  (TrainConfig, PRESET_TRAINING also im
     check_config,
     training_preset,
 )
+from .train_state import read_optimizer_state, read_trainer_state
 from .trainer import Trainer  # noqa: F401  (also imported from here)
 
 
@@ -74,7 +75,7 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, ModelArgs]:
     model_keys = {f.name for f in dataclasses.fields(ModelArgs)}
     name = ns.get("preset", "small")
     if ns.get("resume"):
-        state = _read_trainer_state(ns["resume"])
+        state = read_trainer_state(ns["resume"])
         base = {
             **state["train_config"],
             "stop_at": 0,
@@ -102,25 +103,6 @@ def resolve(argv: list[str] | None = None) -> tuple[TrainConfig, ModelArgs]:
 
 
 # ------------------------------------------------------------------------ set-up
-def _read_trainer_state(path: str) -> dict:
-    f = Path(path) / "trainer_state.json"
-    if not f.is_file():
-        raise ckpt.CheckpointError(
-            f"{path} has no trainer_state.json: it is not a resumable training output"
-        )
-    try:
-        return json.loads(f.read_text())
-    except json.JSONDecodeError as e:
-        raise ckpt.CheckpointError(f"{f} is damaged ({e}); resume from an earlier copy") from None
-
-
-def load_optimizer_state(path: Path) -> dict:
-    f = path / "optimizer.safetensors"
-    if not f.is_file():
-        raise ckpt.CheckpointError(f"{path} has no optimizer.safetensors: cannot resume exactly")
-    return tree_unflatten(list(ckpt.read_safetensors(f).items()))
-
-
 def peak_memory() -> int:
     """Peak bytes: MLX's allocator peak (GPU), or the process's max RSS (CPU)."""
     import resource
@@ -348,13 +330,13 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
     out = Path(cfg.out)
     if rank == 0:
         prepare_out(out)
-    start = _read_trainer_state(cfg.resume)["step"] if cfg.resume else 0
+    start = read_trainer_state(cfg.resume)["step"] if cfg.resume else 0
     args = _init_from_args(cfg, args)
     tok, train_ids, val_ids = _load_data(cfg, args, group, rank, world)
     if args.eos_token_id is None and tok.eos_id is not None:
         args.eos_token_id, args.bos_token_id = tok.eos_id, tok.bos_id
     model = build_model(cfg, args)
-    opt_state = load_optimizer_state(Path(cfg.resume)) if cfg.resume else None
+    opt_state = read_optimizer_state(cfg.resume) if cfg.resume else None
     trainer = Trainer(cfg, model.args, model, group, opt_state)
     val = _validation_batches(cfg, val_ids, rank, world)
     if rank == 0:

@@ -62,6 +62,7 @@ class TrainConfig:
     eval_every: int = _f(100, "steps between validation passes (and at the end)")
     eval_batches: int = _f(8, "fixed validation batches per pass")
     save_every: int = _f(200, "steps between checkpoints (and at the end)")
+    keep: int = _f(1, "checkpoints kept in --out/checkpoints/ (the newest; older ones removed)")
     log_every: int = _f(10, "steps between metrics.jsonl training lines")
     val_fraction: float = _f(0.05, "held-out share of the token stream")
     seed: int = _f(0, "model init and data order")
@@ -165,7 +166,7 @@ def check_config(cfg: TrainConfig, on_gpu: bool = False) -> None:
         raise TrainError(f"invalid {flag(key)} {getattr(cfg, key)!r}: {why}")
 
     positive = ("batch_size", "seq_len", "accum", "max_steps", "eval_every", "save_every")
-    for key in (*positive, "log_every", "eval_batches"):
+    for key in (*positive, "log_every", "eval_batches", "keep"):
         if getattr(cfg, key) <= 0:
             bad(key, "must be a positive integer")
     if cfg.lr <= 0:

@@ -28,7 +28,6 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from . import checkpoint as ckpt
 from ._blas import set_blas_threads
 from .config import ModelArgs
 from .data import Tokenizer
@@ -36,6 +35,7 @@ from .loss import LossTerms, loss_terms, summed_cross_entropy, update_bias
 from .model import Model
 from .optim import clip_by_global_norm, make_optimizer, make_schedule
 from .train_config import TrainConfig
+from .train_state import save_checkpoint
 
 
 def auto_lanes(batch_size: int, accum: int) -> int:
@@ -211,12 +211,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- persistence
     def save(self, out: Path, tok: Tokenizer, step: int) -> None:
-        ckpt.save_model(out, self.model, tok)
+        """One whole checkpoint of this run in `out` (see train_state.py)."""
         opt = dict(tree_flatten(self.optimizer.state))
-        ckpt.atomic_write(out / "optimizer.safetensors", lambda t: mx.save_safetensors(t, opt))
         state = {
             "step": step,
             "train_config": dataclasses.asdict(self.cfg),
             "world_size": self.world,
         }
-        ckpt.write_json(out / "trainer_state.json", state)
+        save_checkpoint(out, self.model, tok, opt, state, keep=self.cfg.keep)

@@ -237,12 +237,13 @@ def test_crash_during_checkpoint_write_keeps_old_checkpoint(tmp_path, monkeypatc
         raise OSError("simulated crash while writing")
 
     monkeypatch.setattr(mx, "save_safetensors", crash)
-    with pytest.raises(OSError):
+    with pytest.raises(ckpt.CheckpointError, match="simulated crash while writing"):
         t.save(out, tok, 2)
     monkeypatch.undo()
     after = flat(ckpt.load_model(out))
     assert json.loads((out / "trainer_state.json").read_text())["step"] == 1
     assert not list(out.glob(".tmp-*")), "temporary files left behind"
+    assert not list((out / "checkpoints").glob(".tmp-*")), "temporary files left behind"
     for k in before:
         np.testing.assert_array_equal(after[k], before[k])
 
@@ -477,7 +478,7 @@ def test_bad_inputs_exit_2(tmp_path, corpus):
         str(good),
     )
     assert ok.returncode == 0, ok.stderr[-2000:]
-    snapshot = {p.name: p.read_bytes() for p in good.iterdir()}
+    snapshot = {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()}
     bad(
         run_train(
             *out,
@@ -495,7 +496,7 @@ def test_bad_inputs_exit_2(tmp_path, corpus):
     for name, data in snapshot.items():
         (broken / name).write_bytes(data[: len(data) // 2] if name == "model.safetensors" else data)
     bad(run_train(*out, "--data", str(corpus), "--init-from", str(broken)), "model.safetensors")
-    assert {p.name: p.read_bytes() for p in good.iterdir()} == snapshot
+    assert {p.name: p.read_bytes() for p in good.iterdir() if p.is_file()} == snapshot
 
 
 def test_cli_flags_have_help_and_real_types():
