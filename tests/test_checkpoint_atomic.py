@@ -258,6 +258,7 @@ def test_kill_at_every_point_of_a_save_then_resume(ref):
     work.mkdir()
     code = (
         "import sys; sys.path.insert(0, sys.argv[1]); "
+        "from mlx_model import speedups; speedups.enable(); "  # as the CLIs (no MLX yet)
         "from tests.test_checkpoint_atomic import drive; from pathlib import Path; "
         "drive(*map(Path, sys.argv[2:]))"
     )
@@ -320,7 +321,3 @@ def test_full_disk_while_saving_keeps_previous_checkpoint(ref, monkeypatch, caps
     from mlx_model.checkpoint import load_model
 
     load_model(d)  # still loads
-
-
-if __name__ == "__main__":
-    drive(*map(Path, sys.argv[1:]))
