@@ -101,6 +101,7 @@ def weight_bytes(model: Any) -> int:
 SWITCH = re.compile(
     r"^(.*\.mlp)\.switch_mlp\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$"
 )
+STACKED = re.compile(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.(weight|scales|biases)$")
 EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.(scales|biases)$")
 
 
@@ -194,15 +195,15 @@ def _our_names(weights: dict[str, mx.array], args: Any, group: int, bits: int) -
 
 
 def save_quantized(model: Any, out: str | Path, tokenizer: Any = None) -> None:
-    """Write a quantized model as a directory mlx-lm loads (and `load_quantized` reads back)."""
+    """Write a quantized model's files into the directory `out` (config.json with its
+    `quantization`, model.safetensors with our HF names per expert, mtp.safetensors)."""
     if not is_quantized(model):
         raise QuantizeError("save_quantized: the model is not quantized")
     o = Path(out)
     o.mkdir(parents=True, exist_ok=True)
-    flat = dict(tree_flatten(model.parameters()))
     per: dict[str, mx.array] = {}
-    for k, v in flat.items():  # stacked experts -> per-expert names (weight, scales, biases)
-        m = re.match(r"^(.*\.mlp\.experts)\.(gate_proj|up_proj|down_proj)\.(\w+)$", k)
+    for k, v in tree_flatten(model.parameters()):  # stacked experts -> per-expert names
+        m = STACKED.match(k)
         if m is None:
             per[k] = v
         else:
@@ -210,12 +211,29 @@ def save_quantized(model: Any, out: str | Path, tokenizer: Any = None) -> None:
                 per[f"{m.group(1)}.{e}.{m.group(2)}.{m.group(3)}"] = v[e]
     main, mtp = ckpt.split_mtp(per)
     meta = {"format": "mlx"}
-    ckpt.atomic_write(o / "model.safetensors", lambda t: mx.save_safetensors(t, main, meta))
+    ckpt.atomic_write(o / ckpt.WEIGHTS, lambda t: mx.save_safetensors(t, main, meta))
     if mtp:
-        ckpt.atomic_write(o / "mtp.safetensors", lambda t: mx.save_safetensors(t, mtp, meta))
+        ckpt.atomic_write(o / ckpt.MTP, lambda t: mx.save_safetensors(t, mtp, meta))
     if tokenizer is not None:
         tokenizer.save(str(o))
-    config = model.args.to_dict()
-    config["quantization"] = model.quantization.to_dict()
-    config["quantization_config"] = model.quantization.to_dict()
-    ckpt.write_json(o / "config.json", config)
+    q = model.quantization.to_dict()
+    config = {**hf.config_from_args(model.args), "torch_dtype": "float32"}
+    ckpt.write_json(o / ckpt.CONFIG, {**config, "quantization": q, "quantization_config": q})
+
+
+def write_quantized(src: str | Path, out: str | Path, bits: int, group_size: int = 64) -> Any:
+    """Our float checkpoint -> a quantized directory that mlx_lm.load and our load() read
+    (tokenizer files copied). Refuses configs with no Hugging Face deepseek_v3 form."""
+    check_quantization(bits, group_size)
+    src_p = ckpt.require_dir(src)
+    reason = hf.hf_incompatibility(ckpt.load_args(src_p))
+    if reason is not None:
+        raise ckpt.CheckpointError(f"{src_p} has no Hugging Face deepseek_v3 form: {reason}")
+    model = quantize_model(ckpt.load_model(src_p), bits, group_size)
+
+    def fill(tmp: Path) -> None:
+        save_quantized(model, tmp)
+        ckpt.copy_side_files(src_p, tmp)
+
+    ckpt.write_dir(Path(out), fill, stale=(ckpt.MTP, ckpt.INDEX))
+    return model

@@ -9,6 +9,7 @@ Both twins use the same weight names (SPEC section 2), so conversion moves tenso
     python -m tools.convert --from-torch model.pt --config CKPT_DIR_or_config.json --out NEW_DIR
     python -m tools.convert --from-hf HF_DIR --out NEW_DIR     (mlx_model/hf.py)
     python -m tools.convert --to-hf CKPT_DIR --out HF_DIR
+    python -m tools.convert --to-hf CKPT_DIR --out Q_DIR --quantize 4 [--group-size 64]
 
 Dtypes are kept unless --dtype asks for a cast, which leaves the routing bias as it is (float32).
 Bad input ends with a one-line `error: ...` on stderr naming the offending key, exit status 2,
@@ -32,6 +33,7 @@ from mlx.utils import tree_flatten
 from mlx_model import checkpoint as ckpt
 from mlx_model.checkpoint import CheckpointError
 from mlx_model.config import ConfigError, ModelArgs
+from mlx_model.quantize import QuantizeError, weight_bytes, write_quantized
 
 DTYPES = ("float32", "bfloat16", "float16")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
@@ -202,6 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="--from-torch: checkpoint directory or config.json describing the model"
     )
     ap.add_argument("--dtype", choices=DTYPES, help="cast the weights (default: keep their dtype)")
+    ap.add_argument(
+        "--quantize",
+        type=int,
+        help="--to-hf: write 4- or 8-bit weights (MLX affine, as mlx-lm's convert -q; "
+        "mlx_lm.load and mlx_model.generate read the directory)",
+    )
+    ap.add_argument(
+        "--group-size", type=int, default=64, help="--quantize: weights per scale (32, 64, 128)"
+    )
     return ap
 
 
@@ -219,6 +230,11 @@ def run(a: argparse.Namespace) -> str:
         flat = tree_flatten(model.parameters())
         n = sum(v.size for _, v in flat)
         return f"wrote {a.out}: {len(flat)} tensors, {n:,} numbers (config.json, model.safetensors)"
+    if a.quantize is not None:
+        if a.to_hf is None:
+            raise ConvertError("--quantize goes with --to-hf CKPT_DIR (a float checkpoint)")
+        model = write_quantized(a.to_hf, a.out, a.quantize, a.group_size)
+        return f"wrote {a.out}: {a.quantize}-bit weights, {weight_bytes(model):,} bytes"
     if a.from_hf is not None or a.to_hf is not None:
         convert = ckpt.import_hf if a.from_hf is not None else ckpt.export_hf
         model = convert(a.from_hf or a.to_hf, a.out, getattr(mx, a.dtype) if a.dtype else None)
@@ -231,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     try:
         print(run(a))
-    except (ConvertError, CheckpointError, ConfigError) as e:
+    except (ConvertError, CheckpointError, ConfigError, QuantizeError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(2)
 
