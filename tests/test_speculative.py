@@ -274,3 +274,14 @@ def test_cli_speculative_prints_the_same_and_refuses_bad_input(ckpts):
         assert r.returncode == 2 and r.stdout == "" and len(lines) == 1, r.stderr
         assert lines[0].startswith("error: ") and "Traceback" not in r.stderr, r.stderr
         assert all(w in lines[0] for w in words), lines[0]
+
+
+def test_generate_api_speculative(ckpts):
+    from mlx_model import generate, load
+
+    model, tok = load(str(ckpts / "mtp"))
+    kw = dict(max_tokens=20, temperature=0, compiled=False)
+    plain = generate(model, tok, ["The", "A cat"], **kw)
+    assert generate(model, tok, ["The", "A cat"], speculative="mtp", num_draft=2, **kw) == plain
+    draft = load(str(ckpts / "plain"))[0]
+    assert generate(model, tok, "The", draft_model=draft, **kw) == plain[0]

@@ -1,7 +1,8 @@
 """Side-by-side throughput: our MLX model, its PyTorch twin, and mlx-lm's deepseek_v3, one table.
 
     python -m tools.bench train --preset small [--repeats 5] [--json OUT]
-    python -m tools.bench generate --preset small [--prompt-len 128] [--new-tokens 256]
+    python -m tools.bench generate [--prompt-len 128] [--new-tokens 256] [--num-draft 3]
+    (generate: tools/bench_generate.py, on a trained fixture)
 
 Every contender runs in its own worker process, built from the SAME checkpoint (written once
 here from a seeded MLX model): mlx_model (its real compiled Trainer step), torch_reference
@@ -360,8 +361,20 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         help="MKL/OpenBLAS threads for the MLX contenders (default: the library's own choice)",
     )
+    p.add_argument(
+        "--num-draft", type=int, default=3, help="generate: speculative tokens drafted per step"
+    )
     a = p.parse_args(argv)
     t = time.perf_counter()
+    if a.cmd == "generate":  # trained fixtures, speculative and quantized rows
+        from tools.bench_generate import bench_generate, print_generate
+
+        res = bench_generate(a)
+        print_generate(res)
+        print(f"(bench wall time {time.perf_counter() - t:.0f} s)")
+        if a.json:
+            Path(a.json).write_text(json.dumps(res, indent=2) + "\n")
+        return
     res = bench(a)
     print_table(res, a.repeats)
     print(f"(bench wall time {time.perf_counter() - t:.0f} s)")

@@ -418,6 +418,8 @@ def worker_main(kind: str, name: str, ckpt: str, spec_json: str) -> None:
         importlib.import_module(mod)
     base = rss_bytes()
     cls = PeakWorker if name == "peak" else (TrainWorker if kind == "train" else GenerateWorker)
+    if kind == "gen":  # python -m tools.bench generate (tools/bench_generate.py)
+        from tools.bench_generate import GenWorker as cls
     t = time.perf_counter()
     w = cls(name, ckpt, spec)
     for _ in range(spec.get("warmup", 2) if name != "peak" else 0):
