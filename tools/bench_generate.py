@@ -47,6 +47,8 @@ TRAIN = {
         "128",
         "--num-attention-heads",
         "2",
+        "--num-key-value-heads",
+        "2",
         "--kv-lora-rank",
         "32",
         "--tokenizer",
@@ -123,7 +125,11 @@ def bench_generate(a: Any) -> dict:
     for bits, path in q.items():
         ce[f"q{bits}"] = val_ce(load(str(path))[0], tok)
     rows = variants(fixture, draft, q, a.num_draft)
+    # Batch-1 decoding multiplies a few rows at a time; one BLAS thread per process is faster
+    # for both libraries here (a second thread only adds a hand-off per tiny matmul).
+    threads = a.mlx_blas_threads or 1
     spec = {"warmup": a.warmup, "prompt": prompt, "new_tokens": a.new_tokens}
+    spec["mlx_blas_threads"] = threads
     procs = []
     try:
         for name, v in rows.items():
@@ -149,7 +155,13 @@ def bench_generate(a: Any) -> dict:
             "greedy_match": finals[name]["tokens"] == finals[ref]["tokens"],
             "reference": ref,
         }
-    return {"generate": out, "val_ce": ce, "prompt_len": len(prompt), "new_tokens": a.new_tokens}
+    return {
+        "generate": out,
+        "val_ce": ce,
+        "prompt_len": len(prompt),
+        "new_tokens": a.new_tokens,
+        "blas_threads": threads,
+    }
 
 
 def print_generate(res: dict) -> None:
@@ -157,7 +169,8 @@ def print_generate(res: dict) -> None:
     print(
         f"generate: trained fixture {FIXTURE} (small + 1 MTP module, {STEPS} steps), batch 1, "
         f"prompt {res['prompt_len']}, {res['new_tokens']} new tokens, greedy; decode tokens/s "
-        "(prefill excluded); 'same' = greedy tokens equal to the reference (see tools/bench_generate.py)"
+        f"(prefill excluded), {res['blas_threads']} BLAS thread(s) per process; 'same' = greedy "
+        "tokens equal to the reference row's (see tools/bench_generate.py)"
     )
     print(
         f"{'row':22s} {'tokens/s':>9s} {'vs ours':>8s} {'accept':>7s} {'weights':>10s} "
