@@ -29,17 +29,19 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from tools.bench_generate import GenWorker, bench_generate, print_generate
 from tools.bench_workers import (
+    Proc,
     active_params,
     cache_bytes_per_token,
     cpu_model,
+    interleave,
     median,
     useful_flops_per_token,
     worker_main,
@@ -53,43 +55,9 @@ SEED_FIGURES = (
     (25.0, "an Apple M2", "the seed's README"),
 )
 NAMES = ("mlx_model", "torch_reference", "mlx_lm")
-SETTLE_S = 0.3  # pause between runs of different workers (see interleave)
 
 
 # -------------------------------------------------------------------------- coordinator
-class Proc:
-    def __init__(self, kind: str, name: str, ckpt: str, spec: dict):
-        env = dict(os.environ)
-        if name not in ("torch_reference", "peak") and spec.get("mlx_blas_threads"):
-            n = str(spec["mlx_blas_threads"])
-            env.update(MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
-        cmd = [sys.executable, "-m", "tools.bench", "_worker", kind, name, ckpt, json.dumps(spec)]
-        root = str(Path(__file__).resolve().parents[1])
-        self.name = name
-        self.p = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env
-        )
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError(
-                f"bench worker {self.name} died (exit {self.p.wait()}); see its stderr above"
-            )
-        return json.loads(line)
-
-    def ask(self, cmd: str) -> dict:
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        return self._read()
-
-    def close(self) -> dict:
-        res = self.ask("quit")
-        self.p.wait()
-        return res
-
-
 def device_label() -> dict:
     import mlx.core as mx
 
@@ -120,22 +88,6 @@ def make_checkpoint(preset: str, out: str, overrides: dict) -> Any:
     model = Model(args)
     save_model(out, model)
     return model
-
-
-def interleave(procs: list[Proc], repeats: int) -> dict[str, list[dict]]:
-    """Round-robin: every round asks every worker for one run, starting one later each round.
-
-    A short pause before each run lets the previous worker's BLAS threads stop spinning
-    (OpenMP keeps idle threads busy-waiting for up to ~200 ms), so they don't slow the next one.
-    """
-    res: dict[str, list[dict]] = {p.name: [] for p in procs}
-    for r in range(repeats):
-        for i in range(len(procs)):
-            p = procs[(r + i) % len(procs)]
-            time.sleep(SETTLE_S)
-            res[p.name].append(p.ask("run"))
-        print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
-    return res
 
 
 def bench(a: argparse.Namespace) -> dict:
@@ -315,7 +267,7 @@ def print_table(res: dict, repeats: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_worker":
-        worker_main(*argv[1:5])
+        worker_main(*argv[1:5], cls=GenWorker if argv[1] == "gen" else None)
         return
     from mlx_model.speedups import enable_for_cli
 
@@ -367,8 +319,6 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     t = time.perf_counter()
     if a.cmd == "generate":  # trained fixtures, speculative and quantized rows
-        from tools.bench_generate import bench_generate, print_generate
-
         res = bench_generate(a)
         print_generate(res)
         print(f"(bench wall time {time.perf_counter() - t:.0f} s)")

@@ -109,8 +109,7 @@ def bench_generate(a: Any) -> dict:
     from mlx_lm.convert import convert
 
     from mlx_model.generation import load
-    from tools.bench import Proc, interleave
-    from tools.bench_workers import median
+    from tools.bench_workers import Proc, interleave, median
 
     fixture, draft = ensure_fixture(FIXTURE), ensure_fixture(DRAFT)
     model, tok = load(str(fixture))
