@@ -10,7 +10,8 @@ corpus (FIXTURE), and a 2-layer, 128-wide draft model on the same tokenizer (DRA
 directories, so both libraries decode the same quantized weights.
 
 Rows (each its own worker process, interleaved round-robin as in the train bench; medians):
-ours plain / MTP-speculative / draft-model speculative / q8 / q4 / q4 + MTP, and mlx-lm plain /
+ours plain / MTP-speculative / draft-model speculative / q8 / q4 / --quantize 4 plain and + MTP
+(mlx-lm's directories drop the MTP weights, so these rows quantize the fixture on load), mlx-lm plain /
 its draft-model speculative decoding / q8 / q4. Columns: decode tokens/s (prefill excluded),
 acceptance (kept drafts / proposed drafts; mlx-lm does not report proposals, so for it the share
 of tokens that came from the draft), weight bytes, peak memory (as in the train bench) and
@@ -97,7 +98,14 @@ def variants(fixture: Path, draft: Path, q: dict[int, Path], n: int) -> dict[str
         f"ours draft N={n}": {"lib": "ours", "dir": f, "draft": d, "n": n},
         "ours q8": {"lib": "ours", "dir": str(q[8]), "ref": "mlx_lm q8"},
         "ours q4": {"lib": "ours", "dir": str(q[4]), "ref": "mlx_lm q4"},
-        f"ours q4 mtp N={n}": {"lib": "ours", "dir": str(q[4]), "mtp": n, "ref": "ours q4"},
+        "ours --quantize 4": {"lib": "ours", "dir": f, "quantize": 4},
+        f"ours q4 mtp N={n}": {
+            "lib": "ours",
+            "dir": f,
+            "quantize": 4,
+            "mtp": n,
+            "ref": "ours --quantize 4",
+        },
         "mlx_lm": {"lib": "mlx_lm", "dir": f},
         f"mlx_lm draft N={n}": {"lib": "mlx_lm", "dir": f, "draft": d, "n": n},
         "mlx_lm q8": {"lib": "mlx_lm", "dir": str(q[8]), "ref": "ours q8"},
@@ -206,7 +214,7 @@ class GenWorker:
             from mlx_model.engine import Engine
             from mlx_model.generation import load
 
-            self.model = load(spec["dir"])[0]
+            self.model = load(spec["dir"], spec.get("quantize"))[0]  # q4 + MTP: ours, on load
             self.engine = Engine(self.model)
             if spec.get("draft"):
                 self.draft = load(spec["draft"])[0]
