@@ -89,12 +89,14 @@ class ModelArgs:
     )
     norm_type: str = help_field("rmsnorm", "rmsnorm or layernorm (the seed's pre-LayerNorm)")
     bias_update_speed: float = help_field(
-        0.001, "gamma of the auxiliary-loss-free routing-bias update (0 = off)"
+        0.03,
+        "gamma of the auxiliary-loss-free routing-bias update (0 = off; DeepSeek-V3 used 0.001 "
+        "with the sign rule over ~10^5 steps, too slow for runs of hundreds of steps)",
     )
     bias_update_rule: str = help_field(
-        "sign",
-        "sign: b_i += gamma * sign(mean - c_i) (DeepSeek-V3); relative: "
-        "b_i += gamma * (mean - c_i) / mean (moves in proportion to the load error)",
+        "relative",
+        "relative: b_i += gamma * (mean - c_i) / mean (fast while an expert is overloaded, "
+        "quiet near balance); sign: b_i += gamma * sign(mean - c_i) (DeepSeek-V3)",
     )
     balance_loss_alpha: float = help_field(1e-4, "weight of the sequence-wise balance loss")
     capacity_factor: float = help_field(
@@ -406,6 +408,8 @@ def _seed() -> ModelArgs:
         norm_topk_prob=False,
         capacity_factor=1.25,
         balance_loss_alpha=0.01,
+        bias_update_rule="sign",  # the settings this preset was measured with
+        bias_update_speed=0.001,
         max_position_embeddings=512,
     )
 

@@ -3,7 +3,8 @@
 Routing (SPEC section 4): scores s = sigmoid (or softmax) of x W_gate^T in float32; experts are
 *selected* by top-k of s + b (b = e_score_correction_bias, optionally group-limited) but
 *weighted* by the unbiased s, normalised over the chosen k if norm_topk_prob, times
-routed_scaling_factor. The bias never gets a gradient; the trainer moves it by a sign rule.
+routed_scaling_factor. The bias never gets a gradient; the trainer moves it after each step
+(loss.bias_delta: the relative-error rule by default, or DeepSeek-V3's sign rule).
 Capacity (training only, when capacity_factor > 0): each expert takes at most
 ceil(cf * k * T / E) tokens of each sequence, earlier tokens first, so a token's route never
 depends on later tokens; overflow slots get weight 0 (the token keeps its residual path).

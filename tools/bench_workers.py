@@ -434,9 +434,10 @@ def worker_main(kind: str, name: str, ckpt: str, spec_json: str, cls: Any = None
     out.flush()
     for line in sys.stdin:
         if line.strip() == "run":
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             res = w.run() or {}
             res["seconds"] = time.perf_counter() - t
+            res["cpu_seconds"] = time.process_time() - cpu  # all of the process's threads
             out.write(json.dumps(res) + "\n")
         else:
             gpu_peak = _mlx_peak(True) if getattr(w, "gpu", False) else None
