@@ -321,3 +321,52 @@ def test_full_disk_while_saving_keeps_previous_checkpoint(ref, monkeypatch, caps
     from mlx_model.checkpoint import load_model
 
     load_model(d)  # still loads
+
+
+def test_file_set_changes_between_checkpoints(tmp_path):
+    """A name the previous checkpoint lacked (a first mtp.safetensors) appears with the new
+    one and goes with the next one that lacks it; a transformers-style directory (shards +
+    index) used as --out is adopted, and its shard names go once our checkpoint replaces it."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from mlx_model.checkpoint import load_model, save_model
+    from mlx_model.config import preset
+    from mlx_model.data import train_tokenizer
+    from mlx_model.model import Model
+    from mlx_model.train_state import read_trainer_state, save_checkpoint
+
+    tok = train_tokenizer(["some words to train a small byte-level tokenizer on " * 30], 300)
+    plain, mtp = preset("tiny"), preset("tiny").replace(num_nextn_predict_layers=1)
+    models = {}
+    for name, args in (("plain", plain), ("mtp", mtp)):
+        mx.random.seed(3)
+        models[name] = Model(args)
+        mx.eval(models[name].parameters())
+
+    def save(name: str, step: int) -> None:
+        opt = {"m": mx.array(np.random.default_rng(step).normal(size=4).astype(np.float32))}
+        save_checkpoint(out, models[name], tok, opt, {"step": step}, keep=2)
+
+    out = tmp_path / "out"
+    save_model(out, models["plain"], tok)  # a plain directory, then shards as transformers has
+    shutil.move(out / "model.safetensors", out / "model-00001-of-00001.safetensors")
+    (out / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "model-00001-of-00001.safetensors"}})
+    )
+    save("mtp", 1)
+    assert (out / "mtp.safetensors").is_file()
+    assert not (out / "model.safetensors.index.json").exists()
+    assert not list(out.glob("model-0*")), "stale shard names left"
+    assert load_model(out).args.num_nextn_predict_layers == 1
+    save("plain", 2)
+    assert not (out / "mtp.safetensors").exists() and not (out / "mtp.safetensors").is_symlink()
+    loaded = load_model(out)
+    assert loaded.args.num_nextn_predict_layers == 0 and read_trainer_state(out)["step"] == 2
+    want = dict(tree_flatten(models["plain"].parameters()))
+    for k, v in tree_flatten(loaded.parameters()):
+        np.testing.assert_array_equal(np.array(v), np.array(want[k]), err_msg=k)
+    steps = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+    assert steps == ["step-00000001", "step-00000002"], steps  # keep=2
+    # the older step directory is a complete checkpoint of its own
+    assert load_model(out / "checkpoints" / "step-00000001").args.num_nextn_predict_layers == 1
