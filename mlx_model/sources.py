@@ -37,10 +37,11 @@ CHUNK_BYTES = 4 << 20  # read size for plain text files
 # Cutting long documents
 
 
-def _cut(buf: str, hi: int) -> int:
-    """A cut position in buf (0 < cut <= hi): the start of a whitespace run after a non-space
-    character, the latest blank line in the second half of buf[:hi] first, else any such run."""
-    lo = hi // 2
+def _cut(buf: str, start: int, limit: int) -> int:
+    """A cut in buf[start : start + limit] (start < cut <= start + limit): the start of a
+    whitespace run after a non-space character, the latest blank line in the second half of
+    the window first, else any such run; with no whitespace there, the window's end."""
+    lo, hi = start + limit // 2, start + limit
     for sep in ("\n\n", " ", "\n", "\t"):
         i = buf.rfind(sep, lo, hi)
         while i > lo:
@@ -55,13 +56,15 @@ def _cut(buf: str, hi: int) -> int:
 
 def split_document(chunks: Iterable[str], limit: int = PIECE_CHARS) -> Iterator[str]:
     """Pieces of at most `limit` characters whose concatenation is the document."""
-    buf = ""
+    buf = ""  # text not yet yielded (shorter than `limit` between chunks)
     for chunk in chunks:
-        buf += chunk
-        while len(buf) > limit:
-            cut = _cut(buf, limit)
-            yield buf[:cut]
-            buf = buf[cut:]
+        buf = buf + chunk if buf else chunk
+        start = 0
+        while len(buf) - start > limit:
+            cut = _cut(buf, start, limit)
+            yield buf[start:cut]
+            start = cut
+        buf = buf[start:]
     if buf:
         yield buf
 

@@ -60,9 +60,10 @@ def test_cuts_keep_the_bpe_ids_of_the_whole_document(bpe, seed: int, limit: int)
 
 def test_cut_prefers_blank_lines_and_falls_back_mid_word():
     text = "word " * 30 + "end.\n\n  next " + "x" * 40
-    cut = sources._cut(text, 200)
+    cut = sources._cut(text, 0, 200)
     assert text[:cut].endswith("end.") and text[cut:].startswith("\n\n  next")
-    assert sources._cut("y" * 100, 50) == 50  # no whitespace at all: a hard cut
+    assert sources._cut(text, 10, 200) == cut
+    assert sources._cut("y" * 100, 20, 50) == 70  # no whitespace at all: a hard cut
 
 
 def test_stream_equals_whole_documents(tmp_path: Path, monkeypatch):

@@ -3,6 +3,7 @@
     python -m tools.bench train --preset small [--repeats 5] [--json OUT]
     python -m tools.bench generate [--prompt-len 128] [--new-tokens 256] [--num-draft 3]
     (generate: tools/bench_generate.py, on a trained fixture)
+    python -m tools.bench data [--size-mb 1000] [--files 10000]   (tools/bench_data.py)
 
 Every contender runs in its own worker process, built from the SAME checkpoint (written once
 here from a seeded MLX model): mlx_model (its real compiled Trainer step), torch_reference
@@ -270,6 +271,10 @@ def print_table(res: dict, repeats: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "data":  # data preparation: its own module
+        from tools.bench_data import main as data_main
+
+        return data_main(argv[1:])
     if argv and argv[0] == "_worker":
         worker_main(*argv[1:5], cls=GenWorker if argv[1] == "gen" else None)
         return
