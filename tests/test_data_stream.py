@@ -106,13 +106,18 @@ def test_tokenizer_sample_is_bounded_and_spread(tmp_path: Path):
 
 MEASURE = """
 import resource, sys
+from pathlib import Path
 from mlx_model import data
+def peak():  # Linux VmHWM: this process's own peak (ru_maxrss keeps the parent's over exec)
+    status = Path("/proc/self/status")
+    if status.is_file():
+        return int(status.read_text().split("VmHWM:")[1].split()[0]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
 data.TOKENIZER_SAMPLE_BYTES = 4 << 20
 data.prepare_data([sys.argv[1]], None, 300, sys.argv[2], progress=False)  # warm up: imports
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = peak()
 tok, train, val = data.prepare_data([sys.argv[3]], None, 300, sys.argv[2], progress=False)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((peak - base) * 1024, len(train) + len(val))
+print(peak() - base, len(train) + len(val))
 """
 
 
@@ -135,7 +140,7 @@ def test_preparing_a_large_one_line_file_keeps_memory_bounded(tmp_path: Path):
     # The whole file as text is 50 MB, its Encoding objects several GB (version 2 peaked at
     # 22.7 GB for 100 MB); a streaming pass stays under a bound that does not grow with it.
     assert n_tokens > 5_000_000
-    assert growth < 200e6, f"RSS grew by {growth / 1e6:.0f} MB while preparing 50 MB"
+    assert growth < 300e6, f"RSS grew by {growth / 1e6:.0f} MB while preparing 50 MB"
 
 
 # ---------------------------------------------------------------------------------------------

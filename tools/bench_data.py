@@ -28,6 +28,14 @@ BLOCK = 16 << 20
 
 
 def peak_rss() -> int:
+    """This process's peak resident set in bytes. Linux: VmHWM, which starts afresh at exec
+    (ru_maxrss would carry over the parent's peak across fork + exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -102,7 +110,7 @@ def phase(name: str, data: str, work: str, vocab: int) -> dict:
         if chars >= store.BATCH_CHARS or len(batch) >= store.BATCH_PIECES:
             batches.append(batch)
             batch, chars = [], 0
-        if total >= 64e6:
+        if total >= 16e6:
             break
     batches.append(batch)
     out = dict(mb=total / 1e6)
