@@ -237,3 +237,25 @@ def test_progress_bars_on_stderr_and_off(tmp_path: Path, capfd):
     assert "B/s" in err and "100%" in err
     data.prepare_data([str(tmp_path / "a.txt")], None, 300, str(tmp_path / "k2"), progress=False)
     assert capfd.readouterr() == ("", "")
+
+
+# ---------------------------------------------------------------------------------------------
+# The store itself
+
+
+@pytest.mark.parametrize("vocab, dtype", [(300, np.uint16), (65536, np.uint16), (65537, np.uint32)])
+def test_store_round_trip_and_dtype(tmp_path: Path, vocab: int, dtype):
+    ids = np.random.default_rng(vocab).integers(0, vocab, 10_000)
+    writer = store.TokenWriter(tmp_path, store.store_dtype(vocab))
+    for part in np.array_split(ids, 7):
+        writer.append(part)
+    writer.close()
+    store.write_meta(tmp_path, dict(dtype=writer.dtype.name, tokens=writer.count, train=9000))
+    train, val = store.open_store(tmp_path)
+    assert train.dtype == val.dtype == dtype and isinstance(train, np.memmap)
+    assert np.array_equal(np.concatenate([train, val]), ids) and len(val) == 1000
+    assert (tmp_path / "tokens.bin").stat().st_size == len(ids) * np.dtype(dtype).itemsize
+    with open(tmp_path / "tokens.bin", "ab") as f:  # a damaged store is refused, not read
+        f.write(b"\0")
+    with pytest.raises(DataError, match="damaged"):
+        store.open_store(tmp_path)
