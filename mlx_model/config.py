@@ -414,7 +414,43 @@ def _seed() -> ModelArgs:
     )
 
 
-PRESETS = {"tiny": _tiny, "small": _small, "small-dense": _small_dense, "seed": _seed}
+def _mac8gb() -> ModelArgs:
+    # The largest DeepSeek-V3-style model (MLA with q/kv low-rank, 56 routed experts in 8
+    # groups of 7, top-4 within the best 4 groups, sigmoid noaux_tc routing, 1 shared expert, 1 dense layer)
+    # whose training peak stays under 5.0 GB (an 8 GB Apple-silicon Mac's working set) with
+    # its training preset (float32 weights, bfloat16 moments, chunked update, 8K tokens per
+    # step): `python -m mlx_model.train --preset mac8gb --plan true` prints the plan.
+    return ModelArgs(
+        vocab_size=16384,
+        hidden_size=768,
+        intermediate_size=2048,
+        moe_intermediate_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        q_lora_rank=384,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        n_routed_experts=56,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=8,
+        topk_group=4,
+        first_k_dense_replace=1,
+        routed_scaling_factor=2.5,
+        max_position_embeddings=1024,
+    )
+
+
+PRESETS = {
+    "tiny": _tiny,
+    "small": _small,
+    "small-dense": _small_dense,
+    "seed": _seed,
+    "mac8gb": _mac8gb,
+}
 
 
 def preset(name: str) -> ModelArgs:

@@ -41,6 +41,27 @@ class Block(nn.Module):
         return h + self.mlp(y), None
 
 
+def checkpointed(block: Block, x: mx.array, mask: Mask) -> tuple[mx.array, Routing | None]:
+    """block(x, mask) under mx.checkpoint: only the block's input is kept for the backward
+    pass, which runs the block's forward again (activation checkpointing, training only).
+    The block's parameters are explicit inputs, so their gradients flow as without it."""
+
+    def run(params: dict, x: mx.array) -> tuple[mx.array, ...]:
+        block.update(params)
+        y, r = block(x, mask)
+        if r is None:
+            return (y,)
+        # integer outputs (indices, counts) leave as float32: mx.checkpoint's backward expects
+        # a cotangent per output, which integer arrays do not get
+        return (y, r.scores, *(a.astype(mx.float32) for a in r[1:]))
+
+    out = mx.checkpoint(run)(block.trainable_parameters(), x)
+    if len(out) == 1:
+        return out[0], None
+    ints = (mx.stop_gradient(a).astype(mx.int32) for a in out[2:])
+    return out[0], Routing(out[1], *ints)
+
+
 class DecoderStack(nn.Module):
     """`model.*`: embedding, blocks, final norm."""
 
@@ -92,6 +113,13 @@ class Model(nn.Module):
         if args.num_nextn_predict_layers > 0:
             self.mtp = [MTPModule(args) for _ in range(args.num_nextn_predict_layers)]
         init_weights(self, args)
+        self.grad_checkpoint = False  # training: recompute each block's activations (backward)
+
+    def _run_block(self, layer: Block, h: mx.array, mask: Mask, cache: Any = None) -> tuple:
+        """One decoder block, checkpointed when `grad_checkpoint` is on (and no cache)."""
+        if self.grad_checkpoint and cache is None:
+            return checkpointed(layer, h, mask)
+        return layer(h, mask, cache)
 
     def forward(
         self, inputs: mx.array, cache: list | None = None, mask: Mask | bool = True
@@ -104,7 +132,7 @@ class Model(nn.Module):
         h = self.model.embed_tokens(inputs)
         routing = []
         for i, layer in enumerate(self.model.layers):
-            h, r = layer(h, mask, cache[i] if cache is not None else None)
+            h, r = self._run_block(layer, h, mask, cache[i] if cache is not None else None)
             if r is not None:
                 routing.append(r)
         return self.lm_head(self.model.norm(h)), h, routing
@@ -149,7 +177,7 @@ class Model(nn.Module):
             mask = attention_mask(tokens.shape[1])
         e = m.enorm(self.model.embed_tokens(tokens))
         h = m.eh_proj(mx.concatenate([m.hnorm(hidden), e], axis=-1))
-        h, r = m.block(h, mask, cache)
+        h, r = self._run_block(m.block, h, mask, cache)
         return self.lm_head(m.norm(h)), h, r
 
     @property

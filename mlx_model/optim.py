@@ -61,14 +61,42 @@ def make_schedule(
     return fn
 
 
-def make_optimizer(learning_rate, weight_decay: float = 0.1, betas=(0.9, 0.95), eps: float = 1e-8):
-    """AdamW with decay on ndim >= 2 parameters only."""
-    decay = optim.AdamW(
-        learning_rate, betas=list(betas), eps=eps, weight_decay=weight_decay, bias_correction=True
-    )
-    no_decay = optim.AdamW(
-        learning_rate, betas=list(betas), eps=eps, weight_decay=0.0, bias_correction=True
-    )
+class AdamW(optim.AdamW):
+    """mlx.optimizers.AdamW whose moments m, v are stored in `moments_dtype` (None: the
+    parameter's dtype, as mlx does). The update math runs in the gradient's dtype (a bfloat16
+    moment meets a float32 gradient as float32); only the stored moments are rounded."""
+
+    def __init__(self, *a, moments_dtype: mx.Dtype | None = None, **kw):
+        super().__init__(*a, **kw)
+        self.moments_dtype = moments_dtype
+
+    def init_single(self, parameter: mx.array, state: dict) -> None:
+        super().init_single(parameter, state)
+        self._store(state)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        out = super().apply_single(gradient, parameter, state)
+        self._store(state)
+        return out
+
+    def _store(self, state: dict) -> None:
+        if self.moments_dtype is not None:
+            state["m"] = state["m"].astype(self.moments_dtype)
+            state["v"] = state["v"].astype(self.moments_dtype)
+
+
+def make_optimizer(
+    learning_rate,
+    weight_decay: float = 0.1,
+    betas=(0.9, 0.95),
+    eps: float = 1e-8,
+    moments_dtype: mx.Dtype | None = None,
+):
+    """AdamW with decay on ndim >= 2 parameters only; moments stored in `moments_dtype`
+    (None: each parameter's dtype)."""
+    kw = dict(betas=list(betas), eps=eps, bias_correction=True, moments_dtype=moments_dtype)
+    decay = AdamW(learning_rate, weight_decay=weight_decay, **kw)
+    no_decay = AdamW(learning_rate, weight_decay=0.0, **kw)
     return optim.MultiOptimizer([decay, no_decay], [lambda path, p: p.ndim >= 2])
 
 
@@ -87,6 +115,13 @@ def global_norm(grads) -> mx.array:
     return mx.sqrt(total)
 
 
+def clip_scale(norm: mx.array, max_norm: float, prescale: float = 1.0) -> mx.array:
+    """The factor that scales gradients (of global norm `norm` after `prescale`) to clip them."""
+    if max_norm <= 0:
+        return mx.array(prescale)
+    return prescale * mx.minimum(max_norm / (norm + 1e-6), 1.0)
+
+
 def clip_by_global_norm(grads, max_norm: float, prescale: float = 1.0):
     """(clipped grads, global norm before clipping) of `grads * prescale`; max_norm <= 0
     disables clipping. Scales every gradient by min(1, max_norm / (norm + 1e-6)), as
@@ -95,9 +130,5 @@ def clip_by_global_norm(grads, max_norm: float, prescale: float = 1.0):
     from mlx.utils import tree_map
 
     norm = global_norm(grads) * prescale
-    scale = (
-        mx.array(prescale)
-        if max_norm <= 0
-        else prescale * mx.minimum(max_norm / (norm + 1e-6), 1.0)
-    )
+    scale = clip_scale(norm, max_norm, prescale)
     return tree_map(lambda g: g * scale.astype(g.dtype), grads), norm

@@ -37,6 +37,7 @@ from .config import ConfigError, ModelArgs, preset
 from .data import DataError, Tokenizer, eval_batches, get_batch, prepare_data
 from .distributed import DistributedError, Watchdog, all_sum_or_fail, init_group
 from .hf import CONFIG_EXTRAS
+from .memory import plan_for_cli
 from .model import Model
 from .train_config import (  # noqa: F401  (TrainConfig, PRESET_TRAINING also imported from here)
     DEFAULT_OUT,
@@ -447,7 +448,9 @@ def _print_done(last: dict, step: int, out: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     try:
         cfg, args = resolve(argv)
-        train(cfg, args)
+        planned = plan_for_cli(cfg, args)
+        if planned is not None:
+            train(planned, args)
     except KeyboardInterrupt:
         sys.exit(130)
     except (TrainError, DataError, ConfigError, ckpt.CheckpointError, DistributedError) as e:

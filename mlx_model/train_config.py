@@ -77,6 +77,23 @@ class TrainConfig:
         "CPU: micro-steps run side by side on this many threads (0 = auto: 2 on a multi-core "
         "Linux CPU)",
     )
+    grad_checkpoint: bool = _f(
+        False, "recompute each decoder block's activations in the backward pass (less memory)"
+    )
+    moments_dtype: str = _f(
+        "auto", "AdamW moment storage: auto (the parameters' dtype) | float32 | bfloat16"
+    )
+    update_chunk_mb: float = _f(
+        0.0,
+        "update parameters in chunks of about this many MB, each evaluated before the next (no "
+        "second copy of all parameters and moments); 0 = one compiled update",
+    )
+    memory_budget: str = _f(
+        "",
+        "fit this budget (e.g. 5GB, 800MB; auto = Metal's recommended working set, else free "
+        "RAM): picks micro-batch, accum and --grad-checkpoint keeping tokens per step",
+    )
+    plan: bool = _f(False, "print the memory plan for these settings and exit (no training)")
 
 
 # Training defaults per model preset (batch shape, schedule); a preset not named here takes
@@ -96,6 +113,20 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
     ),
     "small": dict(),
     "seed": dict(batch_size=2, seq_len=128, accum=8, max_steps=300, lr=1e-3, warmup=20),
+    # 8192 tokens per step in micro-batches of one 256-token sequence; bfloat16 AdamW moments
+    # and the chunked update keep the peak under 5 GB (see mlx_model/memory.py)
+    "mac8gb": dict(
+        batch_size=1,
+        seq_len=256,
+        accum=32,
+        max_steps=2000,
+        lr=1e-3,
+        warmup=50,
+        eval_batches=4,
+        lanes=1,
+        moments_dtype="bfloat16",
+        update_chunk_mb=64.0,
+    ),
 }
 
 
@@ -181,6 +212,10 @@ def check_config(cfg: TrainConfig, on_gpu: bool = False) -> None:
         bad("warmup", "must be >= 0")
     if cfg.dist_timeout <= 0:
         bad("dist_timeout", "must be > 0 seconds")
+    if cfg.moments_dtype not in ("auto", "float32", "bfloat16"):
+        bad("moments_dtype", "choose auto, float32 or bfloat16")
+    if cfg.update_chunk_mb < 0:
+        bad("update_chunk_mb", "must be >= 0 (0 = one compiled update)")
     if cfg.lanes < 0:
         bad("lanes", "must be >= 0 (0 = auto)")
     if cfg.lanes > 1:

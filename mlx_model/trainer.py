@@ -26,14 +26,14 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ._blas import set_blas_threads
 from .config import ModelArgs
 from .data import Tokenizer
 from .loss import LossTerms, loss_terms, summed_cross_entropy, update_bias
 from .model import Model
-from .optim import clip_by_global_norm, make_optimizer, make_schedule
+from .optim import clip_by_global_norm, clip_scale, global_norm, make_optimizer, make_schedule
 from .train_config import TrainConfig
 from .train_state import save_checkpoint
 
@@ -89,7 +89,9 @@ class Trainer:
         self.lane_blas_threads = max(
             1, (os.cpu_count() or 1) // lanes
         )  # BLAS threads while lanes run
-        self.optimizer = make_optimizer(self.schedule, cfg.weight_decay)
+        moments = None if cfg.moments_dtype == "auto" else getattr(mx, cfg.moments_dtype)
+        self.optimizer = make_optimizer(self.schedule, cfg.weight_decay, moments_dtype=moments)
+        model.grad_checkpoint = cfg.grad_checkpoint
         self.optimizer.init(model.trainable_parameters())
         if optimizer_state is not None:  # before compiling: the compiled steps capture this state
             self.optimizer.state = optimizer_state
@@ -99,7 +101,9 @@ class Trainer:
             (self._compiled(first=True), self._compiled(first=False)) for _ in self.streams
         ]
         update = self._update
-        if cfg.compile:
+        if cfg.update_chunk_mb > 0:
+            update = self._update_in_chunks
+        elif cfg.compile:
             state = [model.state, self.optimizer.state]
             update = mx.compile(update, inputs=state, outputs=state)
         self.update_fn = update
@@ -130,6 +134,32 @@ class Trainer:
             prescale = 1.0
         grads, norm = clip_by_global_norm(acc, self.cfg.grad_clip, prescale)
         self.optimizer.update(self.model, grads)
+        return norm
+
+    def _update_in_chunks(self, acc: dict) -> mx.array:
+        """The same update as `_update`, applied to about `update_chunk_mb` of parameters at a
+        time, each chunk evaluated before the next: the old and new values of only one chunk
+        of parameters and moments are alive together, instead of a second copy of all."""
+        prescale = 1.0 / self.units
+        if self.world > 1:
+            acc = nn.average_gradients(tree_map(lambda g: g * prescale, acc), group=self.group)
+            prescale = 1.0
+        norm = global_norm(acc) * prescale
+        scale = clip_scale(norm, self.cfg.grad_clip, prescale)
+        mx.eval(norm, scale)
+        opts = self.optimizer.optimizers
+        steps = [o.state["step"] for o in opts]
+        limit, chunk, size = self.cfg.update_chunk_mb * 1e6, [], 0
+        flat = tree_flatten(acc)
+        for i, (k, g) in enumerate(flat):
+            chunk.append((k, g * scale.astype(g.dtype)))
+            size += g.nbytes
+            if size >= limit or i == len(flat) - 1:
+                for o, s in zip(opts, steps):  # every chunk is the same optimizer step
+                    o.state["step"] = s
+                self.optimizer.update(self.model, tree_unflatten(chunk))
+                mx.eval(self.model.parameters(), self.optimizer.state)
+                chunk, size = [], 0
         return norm
 
     def all_sum(self, x: mx.array) -> mx.array:

@@ -271,6 +271,11 @@ def print_table(res: dict, repeats: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "memory":  # peak training memory side by side: tools/bench_memory.py
+        from tools.bench_memory import main as memory_main
+
+        memory_main(argv[1:])
+        return
     if argv and argv[0] == "data":  # data preparation: its own module
         from tools.bench_data import main as data_main
 

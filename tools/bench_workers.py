@@ -175,6 +175,9 @@ class TrainWorker:
             warmup=10,
             progress=False,
             lanes=s.get("lanes", 0),
+            grad_checkpoint=s.get("grad_checkpoint", False),
+            moments_dtype=s.get("moments_dtype", "auto"),
+            update_chunk_mb=s.get("update_chunk_mb", 0.0),
         )
         model = load_model(ckpt, dtype=pick_dtype(cfg.dtype))
         if s.get("dispatch"):
@@ -262,6 +265,10 @@ class TrainWorker:
 
         model, _ = load_model(Path(ckpt))  # sanitize + load_weights (strict)
         model.train()
+        if self.spec.get("grad_checkpoint"):  # mlx-lm's own --grad-checkpoint
+            from mlx_lm.tuner.trainer import grad_checkpoint
+
+            grad_checkpoint(model.layers[0])
         optimizer = optim.AdamW(learning_rate=1e-3, betas=[0.9, 0.95], weight_decay=0.1)
         loss_value_and_grad = nn.value_and_grad(model, default_loss)
         state = [model.state, optimizer.state, mx.random.state]

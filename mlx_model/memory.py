@@ -1,0 +1,298 @@
+"""Training memory plan: what one optimizer step keeps alive, in bytes, before running it.
+
+Terms (`plan_memory`): parameters; optimizer moments (AdamW m and v, in `moments_dtype`);
+gradients (one summed set per CPU lane; a micro-step's own gradients while it adds them);
+activations of one micro-batch per lane: what each decoder block keeps for the backward pass
+(the projections, the [B, H, T, T] float32 attention scores, the expert hidden states), or
+with `--grad-checkpoint` only each block's input plus one block's recomputed activations;
+the output head (the [B, T, vocab] logits and their float32 softmax and gradient); the
+update's temporaries. Per-tensor copy factors (`_C_*`) were measured on MLX's CPU backend
+with compiled steps (tests/test_memory.py holds the plan within 20% of
+`mx.get_peak_memory()`).
+
+`fit_budget` picks micro-batch size, accumulation and checkpointing that fit a budget while
+keeping the tokens of one optimizer step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from .config import ModelArgs
+from .train_config import TrainConfig, TrainError
+
+# Factors fitted to peaks measured on MLX 0.32's CPU backend with compiled steps (tiny, small,
+# seed and variants of their width, depth, vocabulary, batch and sequence length).
+_C_SCORES = 2.3  # live float32 [B, H, T, T] copies per block (scores, softmax, gradient)
+_C_TOKEN_LAYER = 8940  # bytes per token per block: projections, routing, residuals
+_C_HEAD = 2.75  # live float32 [B, T, V] copies in the loss (softmax, gradient), besides logits
+# share of block activations left with --grad-checkpoint: mx.checkpoint recomputes each block
+# in the backward pass, but MLX 0.32 (CPU) still holds most intermediates until the step's
+# evaluation ends (measured: small, 17% less activation memory)
+_C_CHECKPOINT = 0.85
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per term of one training step, and the settings they assume."""
+
+    terms: dict[str, int]
+    batch_size: int
+    accum: int
+    grad_checkpoint: bool
+    lanes: int
+
+    def phase(self, name: str) -> int:
+        return sum(v for k, v in self.terms.items() if k.startswith(name + ":"))
+
+    @property
+    def total(self) -> int:
+        """Parameters and moments, plus the larger phase (micro-steps or update)."""
+        persistent = sum(v for k, v in self.terms.items() if ":" not in k)
+        return persistent + max(self.phase("step"), self.phase("update"))
+
+    def largest(self) -> tuple[str, int]:
+        return max(self.terms.items(), key=lambda kv: kv[1])
+
+    def table(self) -> str:
+        lines = [f"  {k:<40} {fmt_bytes(v):>10}" for k, v in self.terms.items()]
+        peak = "step" if self.phase("step") >= self.phase("update") else "update"
+        lines.append(
+            f"  {'total (peak in the ' + peak + ' phase)':<40} {fmt_bytes(self.total):>10}"
+        )
+        return "\n".join(lines)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def parse_bytes(s: str) -> int:
+    """'5GB', '800MB', '1.5G', '4GiB', '123' (bytes) -> bytes (decimal units; *iB binary)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", s)
+    if not m:
+        raise TrainError(f"invalid --memory-budget {s!r}: write a size such as 5GB or 800MB")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+def default_budget() -> int:
+    """Metal's recommended working set on Apple silicon, else the free (available) RAM."""
+    import mlx.core as mx
+
+    if mx.default_device() == mx.gpu:
+        info = mx.device_info()
+        if "max_recommended_working_set_size" in info:
+            return int(info["max_recommended_working_set_size"])
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+# --------------------------------------------------------------------------- counts
+def _norm_params(args: ModelArgs, dims: int) -> int:
+    return 2 * dims if args.norm_type == "layernorm" else dims
+
+
+def _block_params(args: ModelArgs, layer: int) -> tuple[int, int]:
+    """(trainable parameters, frozen routing-bias entries) of decoder block `layer`."""
+    a, D, H = args, args.hidden_size, args.num_attention_heads
+    n = 2 * _norm_params(a, D)
+    if a.attention_type == "mla":
+        qk = H * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+        n += D * qk if a.q_lora_rank is None else a.q_lora_rank * (D + 1 + qk)
+        n += D * (a.kv_lora_rank + a.qk_rope_head_dim) + a.kv_lora_rank
+        n += a.kv_lora_rank * H * (a.qk_nope_head_dim + a.v_head_dim) + H * a.v_head_dim * D
+    else:
+        hd = a.head_dim
+        n += D * H * hd + 2 * D * hd + H * hd * D
+    if not a.is_moe_layer(layer):
+        return n + 3 * D * a.intermediate_size, 0
+    E, Im = a.n_routed_experts, a.moe_intermediate_size
+    n += E * D + 3 * E * D * Im + 3 * D * Im * a.n_shared_experts
+    return n, E
+
+
+def count_parameters(args: ModelArgs) -> tuple[int, int]:
+    """(trainable parameters, frozen float32 routing-bias entries), counted from the config."""
+    D = args.hidden_size
+    n = 2 * args.vocab_size * D + _norm_params(args, D)
+    frozen = 0
+    for i in range(args.num_hidden_layers):
+        p, f = _block_params(args, i)
+        n, frozen = n + p, frozen + f
+    for _ in range(args.num_nextn_predict_layers):
+        p, f = _block_params(args, args.num_hidden_layers)
+        n += p + 3 * _norm_params(args, D) + 2 * D * D
+        frozen += f
+    return n, frozen
+
+
+def _block_activations(args: ModelArgs, layer: int, B: int, T: int, nbytes: int, cpu: bool) -> int:
+    """Bytes one block keeps for its backward pass at micro-batch [B, T]: the float32
+    [B, H, T, T] attention scores (and their softmax and gradient), a per-token amount for the
+    projections and routing, and on a CPU in half precision the dense expert dispatch's
+    [B*T, E*I] hidden states (MLX's CPU gather_mm is float32-only)."""
+    a = args
+    tokens = B * T
+    act = _C_SCORES * B * a.num_attention_heads * T * T * 4 + _C_TOKEN_LAYER * tokens
+    if a.is_moe_layer(layer) and cpu and nbytes < 4:
+        act += 3 * tokens * a.n_routed_experts * a.moe_intermediate_size * nbytes
+    return int(act)
+
+
+def plan_memory(
+    args: ModelArgs, cfg: TrainConfig, lanes: int = 1, cpu: bool = True, world: int = 1
+) -> MemoryPlan:
+    """The memory plan of one optimizer step for these settings (see the module docstring).
+    `lanes`: micro-steps run side by side (each keeps its own activations and gradient sum).
+    The peak is the larger of two phases: the micro-steps (activations, gradients being
+    summed) and the update (a new copy of every parameter and moment in the compiled update,
+    one chunk's with --update-chunk-mb)."""
+    dtype = "float32" if cfg.dtype == "auto" and cpu else cfg.dtype
+    dtype = "bfloat16" if dtype == "auto" else dtype
+    nb = _BYTES[dtype]
+    mb = nb if cfg.moments_dtype == "auto" else _BYTES[cfg.moments_dtype]
+    n, frozen = count_parameters(args)
+    B, T = cfg.batch_size, cfg.seq_len
+    # a lane's unit: whole micro-batches when accum divides, else row blocks of each
+    rows = B if cfg.accum % lanes == 0 else B // lanes
+    units_per_lane = cfg.accum // lanes if cfg.accum % lanes == 0 else cfg.accum
+    blocks = list(range(args.num_hidden_layers))
+    blocks += [args.num_hidden_layers] * args.num_nextn_predict_layers
+    per_block = [_block_activations(args, i, rows, T, nb, cpu) for i in blocks]
+    if cfg.grad_checkpoint:  # block inputs kept; one block recomputed at a time
+        kept = [rows * T * args.hidden_size * nb for _ in blocks]
+        act = int(_C_CHECKPOINT * sum(per_block) + (1 - _C_CHECKPOINT) * sum(kept))
+    else:
+        act = sum(per_block)
+    depths = 1 + args.num_nextn_predict_layers  # MTP depths run their own [B, T, V] loss
+    head = depths * int(rows * T * args.vocab_size * (nb + 4 * _C_HEAD))
+    grads = n * nb
+    if cfg.update_chunk_mb > 0:
+        update = int(min(3 * cfg.update_chunk_mb * 1e6, n * (nb + 2 * mb)))
+    else:
+        update = n * (nb + 2 * mb)  # new parameters and moments beside the old
+    terms = {
+        "parameters": n * nb + frozen * 4,
+        "optimizer moments (AdamW m, v)": 2 * n * mb,
+        "step: gradient sums (per lane)": lanes * grads,
+        "step: micro-step gradients": lanes * grads if units_per_lane > 1 else 0,
+        "step: activations, decoder blocks": lanes * act,
+        "step: activations, [B,T,vocab] head": lanes * head,
+        "update: gradients": grads,
+        "update: new parameters/moments": update,
+    }
+    if world > 1:  # the all-reduce concatenates every gradient into one buffer
+        terms["update: all-reduce buffer"] = grads
+    return MemoryPlan(terms, B, cfg.accum, cfg.grad_checkpoint, lanes)
+
+
+def fit_budget(
+    args: ModelArgs, cfg: TrainConfig, budget: int, lanes: int = 1, cpu: bool = True
+) -> tuple[TrainConfig, MemoryPlan]:
+    """The first settings, fastest first, whose plan fits `budget`, with the same tokens per
+    optimizer step (batch_size * accum): the largest micro-batch with the compiled update, then
+    with the chunked update, then with checkpointing too; on `lanes` lanes, then on one.
+    Raises TrainError naming the largest term when none fits."""
+    rows = cfg.batch_size * cfg.accum
+    sizes = [b for b in range(rows, 0, -1) if rows % b == 0]
+    chunk = cfg.update_chunk_mb or 64.0
+    options = [(cfg.update_chunk_mb, cfg.grad_checkpoint), (chunk, cfg.grad_checkpoint)]
+    options += [(chunk, True)]
+    for lane_count in dict.fromkeys((lanes, 1)):
+        for chunk_mb, ckpt in dict.fromkeys(options):
+            for b in sizes:
+                c = dataclasses.replace(
+                    cfg,
+                    batch_size=b,
+                    accum=rows // b,
+                    grad_checkpoint=ckpt,
+                    update_chunk_mb=chunk_mb,
+                    lanes=lane_count,
+                )
+                if lane_count > 1 and c.accum % lane_count and b % lane_count:
+                    continue
+                p = plan_memory(args, c, lane_count, cpu)
+                if p.total <= budget:
+                    return c, p
+    smallest = dataclasses.replace(
+        cfg, batch_size=1, accum=rows, grad_checkpoint=True, lanes=1, update_chunk_mb=chunk
+    )
+    p = plan_memory(args, smallest, 1, cpu)
+    name, size = p.largest()
+    if "moments" in name:
+        hint = "--moments-dtype bfloat16 or a smaller model"
+    elif "activations" in name:
+        hint = "a shorter --seq-len, a smaller --vocab-size or --dtype bfloat16"
+    else:
+        hint = "a smaller model (--hidden-size, --num-hidden-layers, --n-routed-experts)"
+    raise TrainError(
+        f"nothing fits --memory-budget {fmt_bytes(budget)}: even batch 1 with "
+        f"--grad-checkpoint needs {fmt_bytes(p.total)}, the largest term being {name} "
+        f"({fmt_bytes(size)}): use {hint}, or a larger budget"
+    )
+
+
+def tokens_per_step(cfg: TrainConfig) -> int:
+    return cfg.batch_size * cfg.seq_len * cfg.accum
+
+
+def describe_choice(cfg: TrainConfig, plan: MemoryPlan, budget: int) -> str:
+    ck = "on" if cfg.grad_checkpoint else "off"
+    chunk = (
+        f"chunked update ({cfg.update_chunk_mb:g} MB)" if cfg.update_chunk_mb else "compiled update"
+    )
+    return (
+        f"memory budget {fmt_bytes(budget)}: chose batch {cfg.batch_size} x accum {cfg.accum} "
+        f"({tokens_per_step(cfg)} tokens per step), grad checkpointing {ck}, {chunk}, lanes "
+        f"{cfg.lanes or 1}: planned peak {fmt_bytes(plan.total)}"
+    )
+
+
+def effective_lanes(cfg: TrainConfig) -> int:
+    """The lanes a Trainer would use for these settings (0 = auto)."""
+    from .trainer import auto_lanes
+
+    return cfg.lanes or auto_lanes(cfg.batch_size, cfg.accum)
+
+
+def plan_for_cli(cfg: TrainConfig, args: ModelArgs) -> TrainConfig | None:
+    """--memory-budget: the settings that fit, announced in one line; --plan: print the plan
+    and return None (the caller exits without training)."""
+    import sys
+
+    import mlx.core as mx
+
+    cpu = mx.default_device() == mx.cpu
+    if cfg.memory_budget:
+        budget = default_budget() if cfg.memory_budget == "auto" else parse_bytes(cfg.memory_budget)
+        cfg, plan = fit_budget(args, cfg, budget, effective_lanes(cfg), cpu)
+        print(describe_choice(cfg, plan, budget), file=sys.stderr)
+    if not cfg.plan:
+        return cfg
+    lanes = effective_lanes(cfg)
+    plan = plan_memory(args, cfg, lanes, cpu)
+    n, _ = count_parameters(args)
+    print(
+        f"memory plan: {n / 1e6:.1f}M parameters, batch {cfg.batch_size} x {cfg.seq_len} x "
+        f"accum {cfg.accum}, lanes {lanes}, grad checkpointing "
+        f"{'on' if cfg.grad_checkpoint else 'off'}, update chunk {cfg.update_chunk_mb:g} MB"
+    )
+    print(plan.table())
+    return None
