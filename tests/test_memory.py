@@ -125,9 +125,9 @@ PLAN_CASES = {
     "tiny-lanes": ("tiny", dict(lanes=2, accum=2)),
     "small-checkpointed": ("small", dict(batch_size=4, lanes=1, grad_checkpoint=True)),
     "small-bfloat16": ("small", dict(batch_size=4, lanes=1, dtype="bfloat16")),
-    "small-chunked-bf16-moments": (
-        "small",
-        dict(batch_size=4, lanes=1, update_chunk_mb=8.0, moments_dtype="bfloat16"),
+    "tiny-chunked-bf16-moments": (
+        "tiny",
+        dict(lanes=1, accum=2, update_chunk_mb=0.2, moments_dtype="bfloat16"),
     ),
 }
 
