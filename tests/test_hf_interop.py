@@ -44,7 +44,7 @@ ENV = {
 TOL = 1e-4
 
 # Trained variants: q_lora_rank null / set, rope_theta != 10000, group routing, MTP (kept in
-# mtp.safetensors). bias_update_speed 0.05 makes 5 steps move the routing bias enough to matter.
+# mtp.safetensors). The sign rule at speed 0.05 makes 5 steps move the routing bias enough to matter.
 VARIANTS = {
     "q_proj": ["--rope-theta", "50000"],
     "q_lora+groups+mtp": [
@@ -188,6 +188,8 @@ def trained(work):
                 "5",
                 "--bias-update-speed",
                 "0.05",
+                "--bias-update-rule",
+                "sign",
                 "--eval-every",
                 "5",
                 "--eval-batches",
