@@ -1,17 +1,17 @@
 """Training memory plan: what one optimizer step keeps alive, in bytes, before running it.
 
 Terms (`plan_memory`): parameters; optimizer moments (AdamW m and v, in `moments_dtype`);
-gradients (one summed set per CPU lane; a micro-step's own gradients while it adds them);
-activations of one micro-batch per lane: what each decoder block keeps for the backward pass
-(the projections, the [B, H, T, T] float32 attention scores, the expert hidden states), or
-with `--grad-checkpoint` only each block's input plus one block's recomputed activations;
-the output head (the [B, T, vocab] logits and their float32 softmax and gradient); the
-update's temporaries. Per-tensor copy factors (`_C_*`) were measured on MLX's CPU backend
-with compiled steps (tests/test_memory.py holds the plan within 20% of
-`mx.get_peak_memory()`).
+then the larger of two phases. The micro-steps: the summed gradients (one set per CPU lane),
+a micro-step's own gradients when it adds to a sum (MLX materialises the whole gradient tree
+before the add), and the activations of one micro-batch per lane: per decoder block the
+float32 [B, H, T, T] attention scores and a per-token amount, and the output head's
+[B, T, vocab] logits with their float32 softmax and gradient. The update: the gradients plus
+a new copy of every parameter and moment (the compiled update), or of one chunk
+(`--update-chunk-mb`). The factors (`_C_*`) were fitted to `mx.get_peak_memory()` on MLX
+0.32's CPU backend with compiled steps; tests/test_memory.py holds the plan within 20% of it.
 
-`fit_budget` picks micro-batch size, accumulation and checkpointing that fit a budget while
-keeping the tokens of one optimizer step.
+`fit_budget` picks micro-batch size, accumulation, checkpointing and the chunked update that
+fit a budget while keeping the tokens of one optimizer step.
 """
 
 from __future__ import annotations
@@ -160,7 +160,9 @@ def plan_memory(
     args: ModelArgs, cfg: TrainConfig, lanes: int = 1, cpu: bool = True, world: int = 1
 ) -> MemoryPlan:
     """The memory plan of one optimizer step for these settings (see the module docstring).
-    `lanes`: micro-steps run side by side (each keeps its own activations and gradient sum).
+    `lanes`: micro-steps run side by side (each keeps its own activations and gradient sum;
+    the plan assumes the lanes' activations peak together, an upper bound: measured on tiny
+    with 2 lanes, plan / peak 1.0-1.3 depending on how the threads overlap).
     The peak is the larger of two phases: the micro-steps (activations, gradients being
     summed) and the update (a new copy of every parameter and moment in the compiled update,
     one chunk's with --update-chunk-mb)."""

@@ -122,7 +122,6 @@ PLAN_CASES = {
     "tiny": ("tiny", dict(lanes=1)),
     "small": ("small", dict(batch_size=4, lanes=1)),
     "seed": ("seed", dict(batch_size=2, accum=2, lanes=1)),
-    "tiny-lanes": ("tiny", dict(lanes=2, accum=2)),
     "small-checkpointed": ("small", dict(batch_size=4, lanes=1, grad_checkpoint=True)),
     "small-bfloat16": ("small", dict(batch_size=4, lanes=1, dtype="bfloat16")),
     "tiny-chunked-bf16-moments": (

@@ -74,6 +74,7 @@ def run_contender(name: str, ckpt: str, spec: dict) -> dict:
 
 def bench(a: argparse.Namespace) -> dict:
     from mlx_model.config import preset
+    from mlx_model.hf import hf_incompatibility
     from mlx_model.memory import plan_memory
     from mlx_model.train_config import TrainConfig, training_preset
     from tools.bench import make_checkpoint
@@ -92,8 +93,8 @@ def bench(a: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         make_checkpoint(a.preset, tmp, {})
         for label, (name, ckpt) in CONTENDERS.items():
-            if name == "mlx_lm" and args.hf_incompatibility():
-                rows[label] = {"error": f"not expressible: {args.hf_incompatibility()}"}
+            if name == "mlx_lm" and hf_incompatibility(args):
+                rows[label] = {"error": f"not expressible: {hf_incompatibility(args)}"}
                 continue
             print(f"  {label} ...", file=sys.stderr, flush=True)
             rows[label] = run_contender(name, tmp, {**spec, "grad_checkpoint": ckpt})
