@@ -98,7 +98,7 @@ def variants(fixture: Path, draft: Path, q: dict[int, Path], n: int) -> dict[str
         f"ours draft N={n}": {"lib": "ours", "dir": f, "draft": d, "n": n},
         "ours q8": {"lib": "ours", "dir": str(q[8]), "ref": "mlx_lm q8"},
         "ours q4": {"lib": "ours", "dir": str(q[4]), "ref": "mlx_lm q4"},
-        "ours --quantize 4": {"lib": "ours", "dir": f, "quantize": 4},
+        "ours --quantize 4": {"lib": "ours", "dir": f, "quantize": 4, "ref": None},
         f"ours q4 mtp N={n}": {
             "lib": "ours",
             "dir": f,
@@ -114,23 +114,21 @@ def variants(fixture: Path, draft: Path, q: dict[int, Path], n: int) -> dict[str
 
 
 def bench_generate(a: Any) -> dict:
-    from mlx_lm.convert import convert
-
+    from mlx_model.data import Tokenizer
     from mlx_model.generation import load
     from tools.bench_workers import Proc, interleave, median
 
     fixture, draft = ensure_fixture(FIXTURE), ensure_fixture(DRAFT)
-    model, tok = load(str(fixture))
+    tok = Tokenizer.load(str(fixture))
     text = " ".join(held_out_text())
     prompt = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
     prompt = prompt[: a.prompt_len]
     tmp = tempfile.TemporaryDirectory(prefix="bench-gen-")
     q = {bits: Path(tmp.name) / f"q{bits}" for bits in (8, 4)}
     for bits, path in q.items():  # mlx-lm's own quantization of the same checkpoint
-        convert(str(fixture), str(path), quantize=True, q_bits=bits, q_group_size=64)
-    ce = {"float": val_ce(model, tok)}
-    for bits, path in q.items():
-        ce[f"q{bits}"] = val_ce(load(str(path))[0], tok)
+        cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(fixture)]
+        cmd += ["--mlx-path", str(path), "-q", "--q-bits", str(bits), "--q-group-size", "64"]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     rows = variants(fixture, draft, q, a.num_draft)
     # Batch-1 decoding multiplies a few rows at a time; one BLAS thread per process is faster
     # for both libraries here (a second thread only adds a hand-off per tiny matmul).
@@ -146,6 +144,9 @@ def bench_generate(a: Any) -> dict:
             procs.append(p)
         runs = interleave(procs, a.repeats)
         finals = {p.name: p.close() for p in procs}
+        ce = {"float": val_ce(load(str(fixture))[0], tok)}  # after the workers: see peak memory
+        for bits, path in q.items():
+            ce[f"q{bits}"] = val_ce(load(str(path))[0], tok)
     finally:
         for p in procs:
             if p.p.poll() is None:
@@ -153,13 +154,13 @@ def bench_generate(a: Any) -> dict:
         tmp.cleanup()
     out: dict[str, Any] = {}
     for name, v in rows.items():
-        r, ref = runs[name], v.get("ref", "ours")
+        r, ref = runs[name], v.get("ref", "ours")  # ref None: nothing decodes the same weights
         out[name] = {
             "tokens_per_s": median([x["tokens_per_s"] for x in r]),
             "acceptance": median([x.get("acceptance", 0.0) for x in r]) if "N=" in name else None,
             "weight_bytes": r[0]["weight_bytes"],
             "peak_memory_bytes": finals[name]["peak_memory_bytes"],
-            "greedy_match": finals[name]["tokens"] == finals[ref]["tokens"],
+            "greedy_match": ref is not None and finals[name]["tokens"] == finals[ref]["tokens"],
             "reference": ref,
         }
     return {
@@ -189,7 +190,7 @@ def print_generate(res: dict) -> None:
         print(
             f"{name:22s} {r['tokens_per_s']:9.1f} {r['tokens_per_s'] / base:7.2f}x {acc:>7s} "
             f"{r['weight_bytes'] / 2**20:8.1f}MB {r['peak_memory_bytes'] / 2**20:7.0f}MB "
-            f"{r['greedy_match']!s:5s} {r['reference']}"
+            + (f"{r['greedy_match']!s:5s} {r['reference']}" if r["reference"] else "-")
         )
     ce = res["val_ce"]
     print(
@@ -209,6 +210,7 @@ class GenWorker:
 
         self.mx, self.spec, self.gpu = mx, spec, mx.default_device() == mx.gpu
         self.prompt, self.tokens, self.cache_bytes = spec["prompt"], [], 0
+        self.peak_rss = 0  # sampled after each run (see worker_main)
         self.draft = None
         if spec["lib"] == "ours":
             from mlx_model.engine import Engine
@@ -230,6 +232,13 @@ class GenWorker:
         self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
     def run(self) -> dict:
+        from tools.bench_workers import rss_bytes
+
+        out = self._run()
+        self.peak_rss = max(self.peak_rss, rss_bytes())
+        return out
+
+    def _run(self) -> dict:
         n, spec = self.spec["new_tokens"], self.spec
         out = {"weight_bytes": self.weight_bytes}
         if spec["lib"] == "ours":

@@ -448,8 +448,11 @@ def worker_main(kind: str, name: str, ckpt: str, spec_json: str, cls: Any = None
             out.write(json.dumps(res) + "\n")
         else:
             gpu_peak = _mlx_peak(True) if getattr(w, "gpu", False) else None
+            # A worker that samples its own resident set (after each run) reports that peak:
+            # ru_maxrss starts at the coordinator's size when the coordinator is large.
+            cpu_peak = getattr(w, "peak_rss", None) or max_rss_bytes()
             final = {
-                "peak_memory_bytes": gpu_peak if gpu_peak else max_rss_bytes() - base,
+                "peak_memory_bytes": gpu_peak if gpu_peak else cpu_peak - base,
                 "tokens": getattr(w, "tokens", [])[:64],
                 "cache_bytes": getattr(w, "cache_bytes", 0),
             }
