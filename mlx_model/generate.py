@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--num-draft",
         type=int,
-        default=3,
-        help="speculative decoding: tokens drafted per verification step (default 3)",
+        default=2,
+        help="speculative decoding: tokens drafted per verification step (default 2)",
     )
     p.add_argument(
         "--draft-model",

@@ -1,7 +1,7 @@
 """`python -m tools.bench generate`: decoding side by side on a trained model.
 
     python -m tools.bench generate [--repeats 3] [--prompt-len 128] [--new-tokens 256]
-                                   [--num-draft 3] [--json OUT]
+                                   [--num-draft 2] [--json OUT]
 
 Speculative acceptance depends on training, so this bench never uses random weights: it trains
 (once, cached in weights/) the `small` preset with one MTP module for 300 steps on the built-in
