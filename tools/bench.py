@@ -1,7 +1,7 @@
 """Side-by-side throughput: our MLX model, its PyTorch twin, and mlx-lm's deepseek_v3, one table.
 
     python -m tools.bench train --preset small [--repeats 5] [--json OUT]
-    python -m tools.bench generate [--prompt-len 128] [--new-tokens 256] [--num-draft 3]
+    python -m tools.bench generate [--prompt-len 128] [--new-tokens 256] [--num-draft 2]
     (generate: tools/bench_generate.py, on a trained fixture)
     python -m tools.bench data [--size-mb 1000] [--files 10000]   (tools/bench_data.py)
 
