@@ -42,13 +42,11 @@ def parse_hf(spec: str) -> tuple[str, str | None, str]:
     return parts[0], parts[1] or None, parts[2] or "train"
 
 
-_loaded: dict[str, Any] = {}  # spec -> IterableDataset, so signature and reading load once
-
-
-def load_hub(spec: str) -> Any:
-    """The streaming split named by `spec`; one-line DataErrors for every way it can fail."""
-    if spec in _loaded:
-        return _loaded[spec]
+def load_hub(spec: str, memo: dict[str, Any]) -> Any:
+    """The streaming split named by `spec`; one-line DataErrors for every way it can fail.
+    `memo` (the Corpus's own) keeps it, so the cache key and the reading load it once."""
+    if spec in memo:
+        return memo[spec]
     datasets = _datasets(spec)
     name, config, split = parse_hf(spec)
     try:
@@ -64,16 +62,16 @@ def load_hub(spec: str) -> Any:
     except Exception as e:  # unknown config or split, bad dataset script, ...
         msg = " ".join(str(e).split())[:300]
         raise DataError(f"cannot load {spec} ({type(e).__name__}: {msg}): {_HF_SPEC}") from None
-    _loaded[spec] = ds
+    memo[spec] = ds
     return ds
 
 
 _HF_SPEC = "check hf:NAME[:CONFIG][:SPLIT]"
 
 
-def hub_signature(spec: str) -> object:
+def hub_signature(spec: str, memo: dict[str, Any]) -> object:
     """What a hub split's rows depend on, as far as its metadata says (for the cache key)."""
-    info = load_hub(spec).info
+    info = load_hub(spec, memo).info
     return [spec, info.config_name, str(info.version), info.dataset_size, info.download_size]
 
 
@@ -99,7 +97,7 @@ def _rows(ds: Any, spec: str, field: str, corpus: Any) -> Iterator[tuple[str]]:
 
 def hub_documents(spec: str, field: str, corpus: Any) -> Iterator[tuple[str]]:
     """Documents of hf:NAME[:CONFIG][:SPLIT], streamed."""
-    yield from _rows(load_hub(spec), spec, field, corpus)
+    yield from _rows(load_hub(spec, corpus.hub), spec, field, corpus)
 
 
 def open_disk(path: Path) -> Any:

@@ -134,6 +134,7 @@ class Corpus:
         self.sources = expand(self.specs)
         self.pos = 0  # source bytes read so far in the current pass (progress, sampling)
         self.documents = 0  # non-blank documents seen in the current pass
+        self.hub: dict[str, Any] = {}  # hf: spec -> its loaded dataset (see hf_data.load_hub)
 
     # ---- what the cache key and the progress bar need, without reading the text
     def signature(self) -> object:
@@ -148,7 +149,7 @@ class Corpus:
             if kind == "hf":
                 from .hf_data import hub_signature
 
-                sig.append(hub_signature(str(src)))
+                sig.append(hub_signature(str(src), self.hub))
                 continue
             files = [src]
             if kind == "disk":
