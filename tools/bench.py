@@ -43,6 +43,7 @@ from tools.bench_workers import (
     cache_bytes_per_token,
     cpu_model,
     interleave,
+    make_checkpoint,
     median,
     useful_flops_per_token,
     worker_main,
@@ -75,20 +76,6 @@ def device_label() -> dict:
     except Exception:
         label["gpu"] = None
     return label
-
-
-def make_checkpoint(preset: str, out: str, overrides: dict) -> Any:
-    import mlx.core as mx
-
-    from mlx_model.checkpoint import save_model
-    from mlx_model.config import preset as get_preset
-    from mlx_model.model import Model
-
-    args = get_preset(preset).replace(**overrides)
-    mx.random.seed(0)
-    model = Model(args)
-    save_model(out, model)
-    return model
 
 
 def bench(a: argparse.Namespace) -> dict:

@@ -77,7 +77,7 @@ def bench(a: argparse.Namespace) -> dict:
     from mlx_model.hf import hf_incompatibility
     from mlx_model.memory import plan_memory
     from mlx_model.train_config import TrainConfig, training_preset
-    from tools.bench import make_checkpoint
+    from tools.bench_workers import make_checkpoint
 
     tr = {"batch_size": 16, "seq_len": 128, "accum": 1} | {
         k: v

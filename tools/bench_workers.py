@@ -143,6 +143,22 @@ def _mlx_peak(device_gpu: bool) -> int | None:
     return int(mx.get_peak_memory()) if device_gpu else None
 
 
+def make_checkpoint(preset: str, out: str, overrides: dict) -> Any:
+    """A random model of `preset` (+ overrides), seed 0, saved to `out` (the contenders' shared
+    checkpoint); returns the model."""
+    import mlx.core as mx
+
+    from mlx_model.checkpoint import save_model
+    from mlx_model.config import preset as get_preset
+    from mlx_model.model import Model
+
+    args = get_preset(preset).replace(**overrides)
+    mx.random.seed(0)
+    model = Model(args)
+    save_model(out, model)
+    return model
+
+
 class TrainWorker:
     """Builds one contender from the checkpoint; `run()` times one optimizer step."""
 
