@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .data_errors import HF_FIX, DataError, check_text, missing_field
+from .speedups import reapply
 
 _ROWS = 1024  # rows per batch read from a dataset
 
@@ -62,6 +63,8 @@ def load_hub(spec: str, memo: dict[str, Any]) -> Any:
     except Exception as e:  # unknown config or split, bad dataset script, ...
         msg = " ".join(str(e).split())[:300]
         raise DataError(f"cannot load {spec} ({type(e).__name__}: {msg}): {_HF_SPEC}") from None
+    finally:
+        reapply()  # datasets restores os.environ wholesale around downloads
     memo[spec] = ds
     return ds
 
@@ -82,6 +85,7 @@ def _rows(ds: Any, spec: str, field: str, corpus: Any) -> Iterator[tuple[str]]:
         raise missing_field(spec, field, names)
     try:
         for batch in ds.iter(batch_size=_ROWS):
+            reapply()  # a streamed read can download, and datasets resets the C environment then
             if field not in batch:
                 raise missing_field(spec, field, batch)
             for text in batch[field]:
@@ -110,6 +114,8 @@ def open_disk(path: Path) -> Any:
         raise DataError(
             f"cannot open dataset {path} ({msg}): pass a save_to_disk directory"
         ) from None
+    finally:
+        reapply()
     if isinstance(ds, datasets.DatasetDict):
         splits = list(ds)
         if "train" not in splits and len(splits) != 1:

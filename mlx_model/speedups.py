@@ -30,10 +30,12 @@ from dataclasses import dataclass
 from . import _blas, _jit
 from ._jit import UnsafeCacheError
 
-__all__ = ["Status", "UnsafeCacheError", "enable", "enable_for_cli", "status"]
+__all__ = ["Status", "UnsafeCacheError", "enable", "enable_for_cli", "reapply", "status"]
 
 BFS_WIDTH = "1000"
 _status: Status | None = None  # what enable() did; None until it ran
+_C_KEYS = ("PATH", "TMPDIR", "MLX_BFS_MAX_WIDTH")  # what enable() may set in the C environment
+_c_env: dict[str, str] = {}  # those of them enable() set, with their values (for reapply)
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,7 @@ def enable(*, quiet: bool = False) -> Status:
     except OSError as e:  # e.g. a read-only home: MLX's own kernels then, in its own cache
         kernels, kernels_note = None, f"cannot prepare the kernel cache: {e}; set {_jit.ENV_CACHE}"
     _status = Status(blas, blas_note, kernels, kernels_note, True)
+    _c_env.update(_changed_c_env())
     if _status.slow_blas and not quiet:
         print(
             f"mlx_model: MLX uses its slow reference BLAS ({blas_note}; matmuls ~30x slower). "
@@ -142,6 +145,30 @@ def enable(*, quiet: bool = False) -> Status:
             file=sys.stderr,
         )
     return _status
+
+
+def _changed_c_env() -> dict[str, str]:
+    """The keys of _C_KEYS whose C-environment value differs from os.environ's."""
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    out = {}
+    for k in _C_KEYS:
+        v = libc.getenv(k.encode())
+        if v is not None and os.fsdecode(v) != os.environ.get(k):
+            out[k] = os.fsdecode(v)
+    return out
+
+
+def reapply() -> None:
+    """Put back what `enable()` set in the C environment (a no-op before it ran).
+
+    Code that restores `os.environ` wholesale, like `unittest.mock.patch.dict(os.environ)` (which
+    the `datasets` library runs around its downloads), re-exports every variable from
+    `os.environ` and so drops our PATH and TMPDIR: MLX would then build plain kernels into its
+    shared cache. Call this after such code; the data path does it after each use of `datasets`.
+    """
+    for k, v in _c_env.items():
+        os.putenv(k, v)
 
 
 def enable_for_cli() -> Status:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mlx_model import data
+from mlx_model import data, speedups
 from mlx_model.data import DataError, load_texts
 
 pa = pytest.importorskip("pyarrow")
@@ -50,6 +50,7 @@ def hub_cache(root: Path, name: str, splits: dict[str, list[str]]) -> Path:
         write_parquet(root / f"{split}.parquet", docs)
         files[split] = str(root / f"{split}.parquet")
     datasets.load_dataset("parquet", data_files=files, cache_dir=str(cache))
+    speedups.reapply()  # datasets re-exports os.environ: keep this process's kernels private
     built = next(p for p in (cache / "parquet").glob("*/*/*") if p.is_dir())
     owner, short = name.split("/")
     dest = cache / f"{owner}___{short}" / "default" / built.parts[-2] / built.parts[-1]

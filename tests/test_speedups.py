@@ -263,3 +263,47 @@ def test_train_cli_leaves_mlx_shared_cache_alone(tmp_path):
     assert p.returncode == 0, p.stderr[-2000:]
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert not (tmp_path / "tmp" / "mlx").exists(), "MLX's shared kernel cache was written"
+
+
+REAPPLY = r"""
+import ctypes, json, os, unittest.mock
+from pathlib import Path
+
+import datasets
+
+d = os.environ["DS_DIR"]
+datasets.Dataset.from_dict({"text": ["a b", "c d", "e"]}).save_to_disk(d)
+from mlx_model import speedups
+
+speedups.enable(quiet=True)
+libc = ctypes.CDLL(None)
+libc.getenv.restype = ctypes.c_char_p
+def c_env():
+    return {k: (libc.getenv(k.encode()) or b"").decode() for k in ("PATH", "TMPDIR")}
+ours = c_env()
+with unittest.mock.patch.dict(os.environ):  # what datasets does around its downloads
+    pass
+reset = c_env()
+from mlx_model import hf_data
+
+class Corpus:
+    pos = 0
+
+docs = list(hf_data.disk_documents(Path(d), "text", Corpus()))
+print(json.dumps({"ours": ours, "reset": reset, "after": c_env(), "docs": len(docs)}))
+"""
+
+
+@pytest.mark.skipif(not LINUX, reason="the C-environment set-up is Linux-only")
+def test_data_path_puts_back_what_datasets_resets(tmp_path):
+    """`datasets` wraps downloads in `patch.dict(os.environ)`, whose exit re-exports os.environ and
+    so drops enable()'s PATH and TMPDIR (MLX would then build plain kernels into its shared
+    cache). The data path calls `speedups.reapply()` after every use of `datasets`."""
+    env = scratch_env(tmp_path, DS_DIR=str(tmp_path / "ds"))
+    r = run(REAPPLY, env)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["docs"] == 3
+    assert "mlx_deepseek" in out["ours"]["TMPDIR"], out  # enable() gave MLX a private TMPDIR
+    assert out["reset"]["TMPDIR"] == env["TMPDIR"], out  # patch.dict put the original back
+    assert out["after"] == out["ours"], out  # and the data path restored ours
