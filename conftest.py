@@ -57,6 +57,26 @@ def mqa_args(**kw) -> ModelArgs:
     return tiny_args(**base)
 
 
+def decode_args(kind: str, **kw) -> ModelArgs:
+    """Tiny decoding configs (init_std 0.3, so greedy choices are clear): "mla" is the tiny
+    preset; "mqa" the seed's MQA + LayerNorm + top-1 softmax gate, shrunk. `kw` overrides."""
+    if kind == "mla":
+        return preset("tiny").replace(**{"init_std": 0.3, **kw})
+    return preset("seed").replace(
+        **{
+            "vocab_size": 512,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "moe_intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 256,
+            "init_std": 0.3,
+            **kw,
+        }
+    )
+
+
 @pytest.fixture(params=[0, 1], ids=lambda s: f"seed{s}")
 def seed(request) -> int:
     """Seeds MLX, torch and NumPy; tests draw inputs from np.random.default_rng(seed)."""

@@ -21,6 +21,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
+from conftest import decode_args
 from mlx_model import sampling as S
 from mlx_model.cache import StaticKVCache, make_cache
 from mlx_model.checkpoint import save_model
@@ -54,21 +55,6 @@ def close(a, b, tol: float, what: str) -> None:
     assert e < tol, f"{what}: rel err {e:.2e} (tol {tol:.0e}), max abs diff {d:.2e}"
 
 
-def make_args(kind: str):
-    if kind == "mla":
-        return preset("tiny").replace(init_std=0.3)
-    return preset("seed").replace(  # the seed's MQA + LayerNorm + top-1 softmax gate, shrunk
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        init_std=0.3,
-    )
-
-
 @pytest.fixture(scope="module")
 def tok():
     return train_tokenizer(pydoc_topics()[:40], vocab_size=400)
@@ -79,7 +65,7 @@ def models():
     out = {}
     for i, kind in enumerate(KINDS):
         mx.random.seed(i)
-        m = Model(make_args(kind))
+        m = Model(decode_args(kind))
         m.eval()
         mx.eval(m.parameters())
         out[kind] = m
@@ -502,7 +488,7 @@ def test_cli_bad_values(ckpt_dir, flags, word):
 def test_cli_bad_model_dirs(tmp_path, models, tok):
     assert_one_line_error(run_cli("--model", str(tmp_path), "--prompt", "Hi"), "config.json")
     assert_one_line_error(run_cli("--prompt", "Hi", cwd=tmp_path), "python -m mlx_model.train")
-    small = Model(make_args("mla").replace(vocab_size=300))
+    small = Model(decode_args("mla").replace(vocab_size=300))
     save_model(tmp_path / "m", small, tok)  # tokenizer has 400 tokens, the model 300
     assert_one_line_error(run_cli("--model", str(tmp_path / "m"), "--prompt", "Hi"), "400", "300")
 

@@ -19,9 +19,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
+from conftest import decode_args
 from mlx_model.cache import StaticKVCache
 from mlx_model.checkpoint import save_model
-from mlx_model.config import preset
 from mlx_model.data import train_tokenizer
 from mlx_model.engine import Engine, Stats
 from mlx_model.model import Model, attention_mask
@@ -39,22 +39,6 @@ def pydoc_topics() -> list[str]:
     return [topics[k] for k in sorted(topics)]
 
 
-def make_args(kind: str, **kw):
-    if kind == "mla":
-        return preset("tiny").replace(**{"init_std": 0.3, **kw})
-    return preset("seed").replace(  # MQA + LayerNorm + top-1 softmax gate, shrunk
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=128,
-        moe_intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        init_std=0.3,
-        **kw,
-    )
-
-
 def new_model(args, seed: int) -> Model:
     mx.random.seed(seed)
     m = Model(args)
@@ -65,7 +49,9 @@ def new_model(args, seed: int) -> Model:
 
 @pytest.fixture(scope="module")
 def models():
-    return {k: new_model(make_args(k, num_nextn_predict_layers=1), i) for i, k in enumerate(KINDS)}
+    return {
+        k: new_model(decode_args(k, num_nextn_predict_layers=1), i) for i, k in enumerate(KINDS)
+    }
 
 
 def noisy_copy(model: Model, scale: float, seed: int) -> Model:
@@ -207,7 +193,7 @@ def test_speculative_sampling_distribution(drafter):
     the empirical joint law of the first two new tokens against the exact one (temperature 0.9,
     top-k 6, top-p 0.95, min-p 0.02). Bound: total variation < 0.08 (the expected value for
     plain sampling at this count is ~0.04)."""
-    args = make_args("mla", vocab_size=8, num_nextn_predict_layers=1, init_std=0.15)
+    args = decode_args("mla", vocab_size=8, num_nextn_predict_layers=1, init_std=0.15)
     model = new_model(args, 11)
     draft = noisy_copy(model, 0.05, 12) if drafter == "draft" else None
     params = SamplingParams(max_tokens=2, temperature=0.9, top_k=6, top_p=0.95, min_p=0.02, seed=3)
@@ -222,7 +208,7 @@ def test_speculative_sampling_distribution(drafter):
 
 # --------------------------------------------------------------------------- refusals
 def test_refusals(models):
-    no_mtp = new_model(make_args("mla"), 3)
+    no_mtp = new_model(decode_args("mla"), 3)
     engine, p = Engine(no_mtp), prompts(4, (5,))
     greedy = SamplingParams(max_tokens=4, temperature=0)
     with pytest.raises(SpeculativeError, match="no MTP weights"):
@@ -231,7 +217,7 @@ def test_refusals(models):
         spec_tokens(Engine(models["mla"]), p, greedy, 0)
     with pytest.raises(SpeculativeError, match="penalties"):
         spec_tokens(Engine(models["mla"]), p, SamplingParams(repetition_penalty=1.2), 2)
-    other = new_model(make_args("mla", vocab_size=300), 4)
+    other = new_model(decode_args("mla", vocab_size=300), 4)
     with pytest.raises(SpeculativeError, match="same tokenizer"):
         spec_tokens(Engine(models["mla"]), p, greedy, 2, other)
 
@@ -248,9 +234,9 @@ def ckpts(tmp_path_factory, models):
     tok = train_tokenizer(pydoc_topics()[:40], vocab_size=400)
     d = tmp_path_factory.mktemp("spec")
     save_model(d / "mtp", models["mla"], tok)
-    save_model(d / "plain", new_model(make_args("mla"), 3), tok)
+    save_model(d / "plain", new_model(decode_args("mla"), 3), tok)
     other = train_tokenizer(pydoc_topics()[40:80], vocab_size=380)
-    save_model(d / "other", new_model(make_args("mla"), 4), other)
+    save_model(d / "other", new_model(decode_args("mla"), 4), other)
     return d
 
 
