@@ -21,10 +21,12 @@ which never imports this module.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -113,13 +115,17 @@ def write_dir(
     A new `out` is one rename of the whole directory. An existing `out` is kept when `merge`
     is False (someone else published it first: returns False); else each new file replaces its
     namesake and the `stale` names the new set lacks are removed; other files stay. On any
-    error the temporary directory is removed and `out` is as before. Returns True if published.
+    error the temporary directory is removed and `out` is as before; a writer killed before it
+    could do so leaves .tmp-NAME.HOST.PID.*, which the next write_dir on that host removes once
+    PID is gone. Returns True if published.
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise CheckpointError(f"--out {out} exists and is not a directory")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir(out.parent, f".tmp-{out.name}")
+    prefix = _tmp_prefix(out)
+    _reap_dead_writers(out.parent, prefix)
+    tmp = temp_dir(out.parent, f"{prefix}{os.getpid()}.")
     try:
         fill(tmp)
         if not out.exists():
@@ -139,6 +145,35 @@ def write_dir(
         return True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tmp_prefix(out: Path) -> str:
+    """Temporary siblings of `out` are named .tmp-NAME.HOST.PID.RANDOM (see write_dir)."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+    return f".tmp-{out.name}.{host}."
+
+
+def _reap_dead_writers(parent: Path, prefix: str) -> None:
+    """Remove temporary siblings left by a killed writer on this host (its PID is gone).
+
+    Another live process's directory (same host, PID alive) and other hosts' directories (a
+    shared file system) are left alone: only a writer known to be dead is cleaned up after.
+    """
+    for old in parent.glob(f"{glob.escape(prefix)}*"):
+        pid = old.name[len(prefix) :].split(".", 1)[0]
+        if not pid.isdigit() or not old.is_dir() or old.is_symlink() or _alive(int(pid)):
+            continue
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def copy_side_files(src: Path, dst: Path) -> None:

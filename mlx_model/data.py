@@ -272,7 +272,8 @@ def prepare_data(
         write_meta(tmp, meta)
 
     # Built in a temporary directory, renamed into place in one step (a lost race keeps theirs):
-    # a killed or failed preparation leaves no directory under the final name.
+    # a killed or failed preparation leaves no directory under the final name (and the next
+    # preparation on this host removes the temporary one a killed writer left).
     write_dir(final, fill, merge=False)
     return tok, *open_store(final)
 

@@ -370,3 +370,35 @@ def test_file_set_changes_between_checkpoints(tmp_path):
     assert steps == ["step-00000001", "step-00000002"], steps  # keep=2
     # the older step directory is a complete checkpoint of its own
     assert load_model(out / "checkpoints" / "step-00000001").args.num_nextn_predict_layers == 1
+
+
+def test_killed_directory_writer_is_cleaned_up_by_the_next(tmp_path):
+    """A writer SIGKILLed inside write_dir (e.g. a data-cache preparation) leaves its temporary
+    sibling; the next write_dir on this host removes it, and leaves a live writer's and another
+    host's temporary directories alone."""
+    from mlx_model import checkpoint as ckpt
+
+    out = tmp_path / "cache-abc"
+    child = (
+        "import sys, time, pathlib; from mlx_model import checkpoint as c\n"
+        "def fill(t):\n"
+        "    (t / 'part.bin').write_bytes(b'x' * 1000); print('filling', flush=True); time.sleep(60)\n"
+        f"c.write_dir(pathlib.Path({str(out)!r}), fill, merge=False)\n"
+    )
+    p = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "filling"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    prefix = ckpt._tmp_prefix(out)
+    left = [d.name for d in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(f"{prefix}{p.pid}.") and not out.exists()
+    live = tmp_path / f"{prefix}{os.getpid()}.live"  # this process: alive
+    other_host = tmp_path / f".tmp-{out.name}.some-other-host.{p.pid}.x"
+    live.mkdir()
+    other_host.mkdir()
+
+    assert ckpt.write_dir(out, lambda t: (t / "done").write_text("ok"), merge=False)
+    assert sorted(d.name for d in tmp_path.iterdir()) == sorted(
+        [out.name, live.name, other_host.name]
+    )
+    assert (out / "done").read_text() == "ok"
