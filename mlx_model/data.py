@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -321,9 +321,18 @@ def eval_batches(
     Window i holds ids[i*seq_len : i*seq_len + seq_len + 1]: inputs never overlap and every
     token after the first is a target exactly once. The last batch may have fewer rows.
     """
+    return list(window_batches(ids, batch_size, seq_len, max_batches))
+
+
+def window_batches(
+    ids: np.ndarray, batch_size: int, seq_len: int, max_batches: int = 10**18
+) -> Iterator[np.ndarray]:
+    """eval_batches one batch at a time: only the batch being scored is in memory (`ids` may
+    be a memory map of any length)."""
     fix = "add more text, raise --val-fraction or lower --seq-len"
     _check_length(ids, seq_len, "validation data", fix)
     n_windows = min((len(ids) - 1) // seq_len, batch_size * max(max_batches, 1))
-    window = np.arange(n_windows)[:, None] * seq_len + np.arange(seq_len + 1)  # [N, T+1]
-    rows = np.asarray(ids[window], dtype=np.int32)
-    return [rows[i : i + batch_size] for i in range(0, n_windows, batch_size)]
+    for i in range(0, n_windows, batch_size):
+        rows = np.arange(i, min(i + batch_size, n_windows))
+        window = rows[:, None] * seq_len + np.arange(seq_len + 1)  # [b, T+1]
+        yield np.asarray(ids[window], dtype=np.int32)

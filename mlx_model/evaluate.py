@@ -1,8 +1,10 @@
 """Cross-entropy and perplexity of a checkpoint on any text:
 `python -m mlx_model.evaluate --model DIR --data PATH [PATH ...]`.
 
-The text is tokenized with the checkpoint's own tokenizer, packed into one stream (end-of-text
-after each document) and scored in non-overlapping windows of --seq-len tokens.
+The text is tokenized with the checkpoint's own tokenizer, as training does (sources.Corpus
+pieces, end-of-text after each document), into a temporary memory-mapped file, and scored in
+non-overlapping windows of --seq-len tokens, one batch in memory at a time: any size of text
+evaluates in bounded memory.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 
 if __name__ == "__main__":  # run as a program: fast BLAS + kernels before mlx.core is imported
     from mlx_model.speedups import enable_for_cli
@@ -19,15 +22,17 @@ if __name__ == "__main__":  # run as a program: fast BLAS + kernels before mlx.c
 import numpy as np
 
 from .checkpoint import CheckpointError, load_model, require_dir
-from .data import DataError, Tokenizer, eval_batches, load_texts
+from .data import DataError, Tokenizer, window_batches
 from .loss import summed_cross_entropy
+from .sources import Corpus
+from .store import tokenize_to_file
 
 
 def evaluate(
     model, ids: np.ndarray, seq_len: int, batch_size: int = 8, max_batches: int = 10**9
 ) -> dict:
     """Token-weighted mean CE over consecutive windows of `ids`; returns ce, ppl, tokens."""
-    total, n = summed_cross_entropy(model, eval_batches(ids, batch_size, seq_len, max_batches))
+    total, n = summed_cross_entropy(model, window_batches(ids, batch_size, seq_len, max_batches))
     total = total.item()
     return {"ce": total / n, "ppl": math.exp(total / n), "tokens": n}
 
@@ -60,18 +65,15 @@ def main(argv: list[str] | None = None) -> None:
             )
         if a.seq_len < 1 or a.seq_len > model.args.max_position_embeddings:
             raise DataError(f"--seq-len must be in 1..{model.args.max_position_embeddings}")
-        ids = []
-        for text in load_texts(a.data, a.text_field):
-            ids.extend(tok.encode(text))
-            if tok.eos_id is not None:
-                ids.append(tok.eos_id)
-        ids = np.array(ids, dtype=np.int32)
-        if len(ids) < a.seq_len + 1:
-            raise DataError(
-                f"the text has {len(ids)} tokens, fewer than one window of {a.seq_len + 1}: "
-                "add text or lower --seq-len"
-            )
-        r = evaluate(model, ids, a.seq_len, a.batch_size)
+        with tempfile.TemporaryDirectory(prefix="mlx_model-evaluate-") as tmp:
+            ids = tokenize_to_file(tok, Corpus(a.data, a.text_field), tmp, progress=False)
+            if len(ids) < a.seq_len + 1:
+                raise DataError(
+                    f"the text has {len(ids)} tokens, fewer than one window of {a.seq_len + 1}: "
+                    "add text or lower --seq-len"
+                )
+            r = evaluate(model, ids, a.seq_len, a.batch_size)
+            del ids  # the memory map, before its file goes
     except (DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

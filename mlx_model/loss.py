@@ -7,6 +7,7 @@ apart from the balance and MTP terms.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import NamedTuple
 
 import mlx.core as mx
@@ -39,7 +40,7 @@ def cross_entropy(logits: mx.array, targets: mx.array) -> mx.array:
     return (lse - mx.take_along_axis(x, targets[..., None], -1)[..., 0]).mean()
 
 
-def summed_cross_entropy(model: Model, batches: list) -> tuple[mx.array, int]:
+def summed_cross_entropy(model: Model, batches: Iterable) -> tuple[mx.array, int]:
     """(sum of per-token CE, token count) over [B, T+1] batches, model in eval mode
     (capacity dropping off); the caller divides, after any reduction across ranks."""
     model.eval()
@@ -47,6 +48,7 @@ def summed_cross_entropy(model: Model, batches: list) -> tuple[mx.array, int]:
     for b in batches:
         b = mx.array(b)
         total = total + cross_entropy(model(b[:, :-1]), b[:, 1:]) * b[:, 1:].size
+        mx.eval(total)  # one batch's activations at a time, however many batches
         n += b[:, 1:].size
     return total, n
 

@@ -406,6 +406,22 @@ def test_evaluate_cli_matches_library(tiny_run, corpus, tmp_path):
     )
 
 
+def test_evaluate_memory_does_not_grow_with_the_text(tiny_run):
+    """Scoring 40 batches peaks like scoring 2: one batch's activations live at a time."""
+    import mlx.core as mx
+
+    from mlx_model.evaluate import evaluate
+
+    model = ckpt.load_model(tiny_run)
+    ids = np.random.default_rng(0).integers(0, model.args.vocab_size, 40 * 8 * 32 + 1)
+    peaks = []
+    for n in (2, 40):
+        mx.reset_peak_memory()
+        evaluate(model, ids[: n * 8 * 32 + 1].astype(np.int32), 32, batch_size=8)
+        peaks.append(mx.get_peak_memory())
+    assert peaks[1] < 1.3 * peaks[0], peaks
+
+
 def test_plot_writes_pngs(tiny_run, tmp_path):
     r = subprocess.run(
         [sys.executable, "-m", "tools.plot", str(tiny_run), "--out-dir", str(tmp_path)],
