@@ -2,7 +2,7 @@
 
 In order, each optimizer step: lr from the schedule; `accum` compiled micro-steps that sum
 gradients; one compiled update (average, all-reduce across ranks, clip, AdamW); the MoE
-balance-bias sign update from the step's summed expert counts; log; evaluate every
+balance-bias update from the step's summed expert counts; log; evaluate every
 `eval_every` steps on fixed validation batches; checkpoint every `save_every` steps.
 Data parallel when launched by `mlx.launch` (mx.distributed): each rank reads its shard of
 every global batch; only rank 0 writes files and the progress bar. A rank that dies, hangs or
@@ -30,7 +30,6 @@ if __name__ == "__main__":  # run as a program: fast BLAS + kernels before mlx.c
 
 import mlx.core as mx
 import numpy as np
-from mlx.utils import tree_flatten
 
 from . import checkpoint as ckpt
 from .config import ConfigError, ModelArgs, preset
@@ -47,6 +46,14 @@ from .train_config import (  # noqa: F401  (TrainConfig, PRESET_TRAINING also im
     add_dataclass_flags,
     check_config,
     training_preset,
+)
+from .train_log import (
+    MetricsLog,
+    print_done,
+    print_setup,
+    progress_bar,
+    show_progress,
+    train_record,
 )
 from .train_state import read_optimizer_state, read_trainer_state
 from .trainer import Trainer  # noqa: F401  (also imported from here)
@@ -229,85 +236,6 @@ def _validation_batches(cfg: TrainConfig, val_ids: np.ndarray, rank: int, world:
     return [v for v in rows if len(v)]
 
 
-def _print_setup(
-    cfg: TrainConfig, args: ModelArgs, model: Model, n_train: int, n_val: int, world: int
-) -> None:
-    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(
-        f"model: {n_params / 1e6:.2f}M parameters, {args.attention_type.upper()}, "
-        f"{args.n_routed_experts} routed experts (top-{args.num_experts_per_tok}); "
-        f"data: {n_train} train / {n_val} val tokens; world size {world}",
-        file=sys.stderr,
-    )
-    config = {"train": dataclasses.asdict(cfg), "model": args.to_dict()}
-    print("config: " + json.dumps(config), file=sys.stderr)
-
-
-# ----------------------------------------------------------------- bookkeeping
-class MetricsLog:
-    """metrics.jsonl, written by rank 0 only. A resumed run keeps the lines up to the step it
-    starts from and rewrites the rest."""
-
-    def __init__(self, out: Path, resume: str | None, start: int, enabled: bool):
-        self.f = None
-        if not enabled:
-            return
-        path = out / "metrics.jsonl"
-        src = Path(resume) / "metrics.jsonl" if resume else path
-        kept = []
-        if start and src.is_file():
-            kept = [ln for ln in src.read_text().splitlines() if json.loads(ln)["step"] <= start]
-        self.f = open(path, "w")
-        self.f.writelines(ln + "\n" for ln in kept)
-
-    def __call__(self, rec: dict) -> None:
-        if self.f is not None:
-            self.f.write(json.dumps(rec) + "\n")
-            self.f.flush()
-
-    def close(self) -> None:
-        if self.f is not None:
-            self.f.close()
-
-
-_LOGGED = ("step", "loss", "ce", "ppl", "lr", "tokens_per_s", "grad_norm", "balance", "mtp")
-_LOGGED += ("expert_load_max_over_mean", "expert_load", "dropped_fraction")
-_LOGGED += ("peak_memory_bytes", "steps_per_s")
-
-
-def _train_record(m: dict) -> dict:
-    """The metrics.jsonl line of a training step: the logged keys that this run has."""
-    return {k: m[k] for k in _LOGGED if k in m}
-
-
-def _progress_bar(cfg: TrainConfig, rank: int, start: int) -> Any:
-    if rank != 0 or not cfg.progress:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(
-        total=cfg.max_steps, initial=start, desc="train", dynamic_ncols=True, file=sys.stderr
-    )
-
-
-def _show_progress(bar: Any, m: dict, last: dict, lr: float) -> None:
-    if bar is None:
-        return
-    post = {
-        "ce": f"{m['ce']:.3f}",
-        "ppl": f"{m['ppl']:.1f}",
-        "lr": f"{lr:.2e}",
-        "tok/s": f"{m['tokens_per_s']:.0f}",
-        "mem": f"{m['peak_memory_bytes'] / 2**20:.0f}M",
-    }
-    if "expert_load_max_over_mean" in m:
-        post["load"] = f"{m['expert_load_max_over_mean']:.2f}"
-    if "val_ce" in last:
-        post["val"] = f"{last['val_ce']:.3f}"
-    bar.set_postfix(post, refresh=False)
-    bar.update(1)
-
-
 def _stop_agreed(trainer: Trainer, interrupted: list) -> bool:
     """True once any rank saw Ctrl-C, on every rank at the same step (so all stop and rank 0
     saves)."""
@@ -343,9 +271,9 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
     trainer = Trainer(cfg, model.args, model, group, opt_state)
     val = _validation_batches(cfg, val_ids, rank, world)
     if rank == 0:
-        _print_setup(cfg, args, model, len(train_ids), len(val_ids), world)
+        print_setup(cfg, args, model, len(train_ids), len(val_ids), world)
     log = MetricsLog(out, cfg.resume, start, enabled=rank == 0)
-    bar = _progress_bar(cfg, rank, start)
+    bar = progress_bar(cfg, rank, start)
     last_ckpt = f"{cfg.resume} (step {start})" if cfg.resume else "none yet"
     wd = Watchdog(rank, world, cfg.dist_timeout, out, last_ckpt)
     interrupted: list[int] = []
@@ -378,13 +306,13 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
                 )
             last = m
             if step % cfg.log_every == 0 or step in (1, cfg.max_steps):
-                log(_train_record(m))
+                log(train_record(m))
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
                 ev = trainer.evaluate(val)
                 log({"step": step, **ev})
                 last.update(ev)
                 t0 = time.perf_counter()
-            _show_progress(bar, m, last, lr)
+            show_progress(bar, m, last, lr)
             saving = step % cfg.save_every == 0 or step in (cfg.max_steps, end)
             if rank == 0 and saving:
                 with wd.lock:  # a failing rank exits only after the checkpoint is complete
@@ -410,7 +338,7 @@ def train(cfg: TrainConfig, args: ModelArgs) -> dict[str, Any]:
     if interrupted:
         raise KeyboardInterrupt
     if rank == 0:
-        _print_done(last, step, out)
+        print_done(last, step, out)
     return last
 
 
@@ -436,15 +364,6 @@ def _save_on_interrupt(
     if world > 1:
         wd.close()
         all_sum_or_fail(group, mx.array(0.0), "after Ctrl-C")
-
-
-def _print_done(last: dict, step: int, out: Path) -> None:
-    nan = float("nan")
-    print(
-        f"done: step {step}, ce {last.get('ce', nan):.4f}, val_ce {last.get('val_ce', nan):.4f}"
-        f" (ppl {last.get('val_ppl', nan):.2f}); checkpoint in {out}",
-        file=sys.stderr,
-    )
 
 
 def main(argv: list[str] | None = None) -> None:
