@@ -1,6 +1,7 @@
 """Training memory plan: what one optimizer step keeps alive, in bytes, before running it.
 
-Terms (`plan_memory`): parameters; optimizer moments (AdamW m and v, in `moments_dtype`);
+Terms (`plan_memory`): parameters; optimizer moments (AdamW m and v in `moments_dtype`, or m
+and a factored v: float32 row and column statistics of every matrix, see optim.AdamW);
 then the larger of two phases. The micro-steps: the summed gradients (one set per CPU lane),
 a micro-step's own gradients when it adds to a sum (MLX materialises the whole gradient tree
 before the add), and the activations of one micro-batch per lane: per decoder block the
@@ -143,6 +144,38 @@ def count_parameters(args: ModelArgs) -> tuple[int, int]:
     return n, frozen
 
 
+def _matrix_shapes(args: ModelArgs) -> list[tuple[int, ...]]:
+    """Shapes of the trainable weights of ndim >= 2 (what a factored second moment factors)."""
+    from .model import Model
+
+    # shapes without allocating: the model's parameter tree, traced lazily (never evaluated)
+    model = Model(args)
+    return [p.shape for _, p in _flat(model.trainable_parameters()) if p.ndim >= 2]
+
+
+def _flat(tree):
+    from mlx.utils import tree_flatten
+
+    return tree_flatten(tree)
+
+
+def moment_bytes(args: ModelArgs, n: int, mb: int, second_moment: str) -> int:
+    """Optimizer state bytes: m (`mb` bytes each) and v: a full v (`mb` bytes each), or for a
+    factored second moment float32 row and column statistics of every weight of ndim >= 2
+    and a full v for the rest."""
+    if second_moment != "factored":
+        return 2 * n * mb
+    factored, stats = 0, 0
+    for shape in _matrix_shapes(args):
+        size = 1
+        for d in shape:
+            size *= d
+        factored += size
+        lead = size // (shape[-1] * shape[-2])
+        stats += lead * (shape[-1] + shape[-2])
+    return n * mb + (n - factored) * mb + 4 * stats
+
+
 def _block_activations(args: ModelArgs, layer: int, B: int, T: int, nbytes: int, cpu: bool) -> int:
     """Bytes one block keeps for its backward pass at micro-batch [B, T]: the float32
     [B, H, T, T] attention scores (and their softmax and gradient), a per-token amount for the
@@ -186,13 +219,15 @@ def plan_memory(
     depths = 1 + args.num_nextn_predict_layers  # MTP depths run their own [B, T, V] loss
     head = depths * int(rows * T * args.vocab_size * (nb + 4 * _C_HEAD))
     grads = n * nb
+    moments = moment_bytes(args, n, mb, cfg.second_moment)
     if cfg.update_chunk_mb > 0:
-        update = int(min(3 * cfg.update_chunk_mb * 1e6, n * (nb + 2 * mb)))
+        update = int(min(3 * cfg.update_chunk_mb * 1e6, n * nb + moments))
     else:
-        update = n * (nb + 2 * mb)  # new parameters and moments beside the old
+        update = n * nb + moments  # new parameters and moments beside the old
+    v = "factored v" if cfg.second_moment == "factored" else "v"
     terms = {
         "parameters": n * nb + frozen * 4,
-        "optimizer moments (AdamW m, v)": 2 * n * mb,
+        f"optimizer moments (AdamW m, {v})": moments,
         "step: gradient sums (per lane)": lanes * grads,
         "step: micro-step gradients": lanes * grads if units_per_lane > 1 else 0,
         "step: activations, decoder blocks": lanes * act,
@@ -210,43 +245,58 @@ def fit_budget(
 ) -> tuple[TrainConfig, MemoryPlan]:
     """The first settings, fastest first, whose plan fits `budget`, with the same tokens per
     optimizer step (batch_size * accum): the largest micro-batch with the compiled update, then
-    with the chunked update, then with checkpointing too; on `lanes` lanes, then on one.
-    Raises TrainError naming the largest term when none fits."""
+    with the chunked update, then with checkpointing too; on `lanes` lanes, then on one. These
+    keep the run's numbers (up to float32 summation order). Only when none fits, the optimizer
+    state shrinks, which changes the numbers a little: the factored second moment, then also a
+    bfloat16 first moment. Raises TrainError naming the largest term when none fits."""
     rows = cfg.batch_size * cfg.accum
     sizes = [b for b in range(rows, 0, -1) if rows % b == 0]
     chunk = cfg.update_chunk_mb or 64.0
     options = [(cfg.update_chunk_mb, cfg.grad_checkpoint), (chunk, cfg.grad_checkpoint)]
     options += [(chunk, True)]
-    for lane_count in dict.fromkeys((lanes, 1)):
-        for chunk_mb, ckpt in dict.fromkeys(options):
-            for b in sizes:
-                c = dataclasses.replace(
-                    cfg,
-                    batch_size=b,
-                    accum=rows // b,
-                    grad_checkpoint=ckpt,
-                    update_chunk_mb=chunk_mb,
-                    lanes=lane_count,
-                )
-                if lane_count > 1 and c.accum % lane_count and b % lane_count:
-                    continue
-                p = plan_memory(args, c, lane_count, cpu)
-                if p.total <= budget:
-                    return c, p
+    states = [(cfg.second_moment, cfg.moments_dtype), ("factored", cfg.moments_dtype)]
+    states += [("factored", "bfloat16")]
+    for second, moments in dict.fromkeys(states):
+        for lane_count in dict.fromkeys((lanes, 1)):
+            for chunk_mb, ckpt in dict.fromkeys(options):
+                for b in sizes:
+                    c = dataclasses.replace(
+                        cfg,
+                        batch_size=b,
+                        accum=rows // b,
+                        grad_checkpoint=ckpt,
+                        update_chunk_mb=chunk_mb,
+                        lanes=lane_count,
+                        second_moment=second,
+                        moments_dtype=moments,
+                    )
+                    if lane_count > 1 and c.accum % lane_count and b % lane_count:
+                        continue
+                    p = plan_memory(args, c, lane_count, cpu)
+                    if p.total <= budget:
+                        return c, p
     smallest = dataclasses.replace(
-        cfg, batch_size=1, accum=rows, grad_checkpoint=True, lanes=1, update_chunk_mb=chunk
+        cfg,
+        batch_size=1,
+        accum=rows,
+        grad_checkpoint=True,
+        lanes=1,
+        update_chunk_mb=chunk,
+        second_moment="factored",
+        moments_dtype="bfloat16",
     )
     p = plan_memory(args, smallest, 1, cpu)
     name, size = p.largest()
     if "moments" in name:
-        hint = "--moments-dtype bfloat16 or a smaller model"
+        hint = "a smaller model"
     elif "activations" in name:
         hint = "a shorter --seq-len, a smaller --vocab-size or --dtype bfloat16"
     else:
         hint = "a smaller model (--hidden-size, --num-hidden-layers, --n-routed-experts)"
     raise TrainError(
         f"nothing fits --memory-budget {fmt_bytes(budget)}: even batch 1 with "
-        f"--grad-checkpoint needs {fmt_bytes(p.total)}, the largest term being {name} "
+        f"--grad-checkpoint, a factored second moment and bfloat16 moments needs "
+        f"{fmt_bytes(p.total)}, the largest term being {name} "
         f"({fmt_bytes(size)}): use {hint}, or a larger budget"
     )
 
@@ -260,10 +310,12 @@ def describe_choice(cfg: TrainConfig, plan: MemoryPlan, budget: int) -> str:
     chunk = (
         f"chunked update ({cfg.update_chunk_mb:g} MB)" if cfg.update_chunk_mb else "compiled update"
     )
+    state = "full v" if cfg.second_moment == "full" else "factored v"
+    m = "" if cfg.moments_dtype == "auto" else f", {cfg.moments_dtype} moments"
     return (
         f"memory budget {fmt_bytes(budget)}: chose batch {cfg.batch_size} x accum {cfg.accum} "
-        f"({tokens_per_step(cfg)} tokens per step), grad checkpointing {ck}, {chunk}, lanes "
-        f"{cfg.lanes or 1}: planned peak {fmt_bytes(plan.total)}"
+        f"({tokens_per_step(cfg)} tokens per step), grad checkpointing {ck}, {chunk}, "
+        f"{state}{m}, lanes {cfg.lanes or 1}: planned peak {fmt_bytes(plan.total)}"
     )
 
 
@@ -294,7 +346,8 @@ def plan_for_cli(cfg: TrainConfig, args: ModelArgs) -> TrainConfig | None:
     print(
         f"memory plan: {n / 1e6:.1f}M parameters, batch {cfg.batch_size} x {cfg.seq_len} x "
         f"accum {cfg.accum}, lanes {lanes}, grad checkpointing "
-        f"{'on' if cfg.grad_checkpoint else 'off'}, update chunk {cfg.update_chunk_mb:g} MB"
+        f"{'on' if cfg.grad_checkpoint else 'off'}, update chunk {cfg.update_chunk_mb:g} MB, "
+        f"moments {cfg.moments_dtype}, second moment {cfg.second_moment}"
     )
     print(plan.table())
     return None

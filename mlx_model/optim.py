@@ -3,6 +3,7 @@
 AdamW (betas 0.9/0.95, bias-corrected like torch.optim.AdamW), decoupled weight decay on
 matrices only (ndim >= 2: linears, stacked experts, embeddings), none on norms or biases; the
 routing bias is frozen, so it never reaches the optimizer. Gradients are clipped by global norm.
+The second moment can be factored (Adafactor-style row and column statistics, see AdamW).
 Schedules: linear warmup, then cosine or warmup-stable-decay (linear decay over the last
 `decay_fraction` of steps), both ending at lr * min_lr_ratio.
 """
@@ -13,6 +14,8 @@ import math
 
 import mlx.core as mx
 import mlx.optimizers as optim
+
+FACTORED_EPS = 1e-30  # Adafactor's eps1, added to g^2 in the factored statistics
 
 
 def lr_at(
@@ -62,22 +65,75 @@ def make_schedule(
 
 
 class AdamW(optim.AdamW):
-    """mlx.optimizers.AdamW whose moments m, v are stored in `moments_dtype` (None: the
-    parameter's dtype, as mlx does). The update math runs in the gradient's dtype (a bfloat16
-    moment meets a float32 gradient as float32); only the stored moments are rounded."""
+    """mlx.optimizers.AdamW with two memory-lean options.
 
-    def __init__(self, *a, moments_dtype: mx.Dtype | None = None, **kw):
+    `moments_dtype`: m and a full v are stored in this dtype (None: the parameter's dtype, as
+    mlx does); the update math runs in the gradient's dtype (a bfloat16 moment meets a float32
+    gradient as float32), only the stored moments are rounded.
+
+    `second_moment="factored"`: for a weight of ndim >= 2 (a matrix [out, in], or stacked
+    experts [E, out, in]: one factorisation per leading index) v is kept as Adafactor's row and
+    column statistics of the squared gradient instead of a full array (float32, a few KB per
+    matrix); 1-D weights keep a full v. With g the (clipped) gradient, t the step, lr the
+    scheduled rate, wd the weight decay, eps1 = 1e-30 (Adafactor's floor, so an all-zero
+    gradient, such as an expert no token chose, gives v_hat = 0-ish instead of 0 / 0):
+        m   <- b1 m + (1 - b1) g
+        r   <- b2 r + (1 - b2) mean_in(g^2 + eps1)        shape [..., out]
+        c   <- b2 c + (1 - b2) mean_out(g^2 + eps1)       shape [..., in]
+        v_hat = outer(r, c) / mean_out(r)                 (= R C^T / sum(R) with sums)
+        w   <- w (1 - lr wd) - lr / (1 - b1^t) * m / (sqrt(v_hat) / sqrt(1 - b2^t) + eps)
+    i.e. Adam's update (bias-corrected, decoupled decay, as `full`) with v replaced by the
+    rank-1 estimate of Adafactor (Shazeer & Stern 2018, with beta1; no relative step size, no
+    update clipping). `full` is exactly mlx's AdamW (plus the moment storage dtype)."""
+
+    def __init__(
+        self,
+        *a,
+        moments_dtype: mx.Dtype | None = None,
+        second_moment: str = "full",
+        **kw,
+    ):
         super().__init__(*a, **kw)
+        if second_moment not in ("full", "factored"):
+            raise ValueError(f"second_moment must be full or factored, not {second_moment!r}")
         self.moments_dtype = moments_dtype
+        self.second_moment = second_moment
+
+    def _factored(self, parameter: mx.array) -> bool:
+        return self.second_moment == "factored" and parameter.ndim >= 2
 
     def init_single(self, parameter: mx.array, state: dict) -> None:
-        super().init_single(parameter, state)
-        self._store(state)
+        if not self._factored(parameter):
+            super().init_single(parameter, state)
+            self._store(state)
+            return
+        shape = parameter.shape
+        state["m"] = mx.zeros(shape, self.moments_dtype or parameter.dtype)
+        state["v_row"] = mx.zeros(shape[:-1], mx.float32)
+        state["v_col"] = mx.zeros(shape[:-2] + shape[-1:], mx.float32)
 
     def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
-        out = super().apply_single(gradient, parameter, state)
-        self._store(state)
-        return out
+        if not self._factored(parameter):
+            out = super().apply_single(gradient, parameter, state)
+            self._store(state)
+            return out
+        dt = gradient.dtype
+        lr = self.learning_rate.astype(dt)
+        b1, b2 = self.betas
+        step = self.step
+        parameter = parameter * (1 - lr * self.weight_decay)
+        m = b1 * state["m"] + (1 - b1) * gradient
+        sq = mx.square(gradient.astype(mx.float32)) + FACTORED_EPS
+        r = b2 * state["v_row"] + (1 - b2) * mx.mean(sq, axis=-1)
+        c = b2 * state["v_col"] + (1 - b2) * mx.mean(sq, axis=-2)
+        state["m"] = m.astype(self.moments_dtype) if self.moments_dtype is not None else m
+        state["v_row"], state["v_col"] = r, c
+        # sqrt(v_hat) = sqrt(r / mean(r)) (rows) x sqrt(c) (columns), fused into the update
+        rows = mx.sqrt(r / mx.mean(r, axis=-1, keepdims=True)).astype(dt)
+        sqrt_v = rows[..., :, None] * mx.sqrt(c).astype(dt)[..., None, :]
+        c1 = (lr / (1 - b1**step)).astype(dt)
+        c2 = mx.rsqrt(1 - b2**step).astype(dt)
+        return parameter - c1 * m / (sqrt_v * c2 + self.eps)
 
     def _store(self, state: dict) -> None:
         if self.moments_dtype is not None:
@@ -91,10 +147,17 @@ def make_optimizer(
     betas=(0.9, 0.95),
     eps: float = 1e-8,
     moments_dtype: mx.Dtype | None = None,
+    second_moment: str = "full",
 ):
     """AdamW with decay on ndim >= 2 parameters only; moments stored in `moments_dtype`
-    (None: each parameter's dtype)."""
-    kw = dict(betas=list(betas), eps=eps, bias_correction=True, moments_dtype=moments_dtype)
+    (None: each parameter's dtype); `second_moment` full (AdamW's v) or factored (see AdamW)."""
+    kw = dict(
+        betas=list(betas),
+        eps=eps,
+        bias_correction=True,
+        moments_dtype=moments_dtype,
+        second_moment=second_moment,
+    )
     decay = AdamW(learning_rate, weight_decay=weight_decay, **kw)
     no_decay = AdamW(learning_rate, weight_decay=0.0, **kw)
     return optim.MultiOptimizer([decay, no_decay], [lambda path, p: p.ndim >= 2])

@@ -83,6 +83,11 @@ class TrainConfig:
     moments_dtype: str = _f(
         "auto", "AdamW moment storage: auto (the parameters' dtype) | float32 | bfloat16"
     )
+    second_moment: str = _f(
+        "full",
+        "AdamW second moment: full (a v per weight) | factored (row and column statistics for "
+        "matrices and stacked experts, Adafactor-style: ~2 B/parameter less with bf16 m)",
+    )
     update_chunk_mb: float = _f(
         0.0,
         "update parameters in chunks of about this many MB, each evaluated before the next (no "
@@ -113,8 +118,9 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
     ),
     "small": dict(),
     "seed": dict(batch_size=2, seq_len=128, accum=8, max_steps=300, lr=1e-3, warmup=20),
-    # 8192 tokens per step in micro-batches of one 256-token sequence; bfloat16 AdamW moments
-    # and the chunked update keep the peak under 5 GB (see mlx_model/memory.py)
+    # 8192 tokens per step in micro-batches of one 256-token sequence; a bfloat16 first
+    # moment, the factored second moment and the chunked update keep the peak under 5 GB
+    # (see mlx_model/memory.py)
     "mac8gb": dict(
         batch_size=1,
         seq_len=256,
@@ -125,6 +131,7 @@ PRESET_TRAINING: dict[str, dict[str, Any]] = {
         eval_batches=4,
         lanes=1,
         moments_dtype="bfloat16",
+        second_moment="factored",
         update_chunk_mb=64.0,
     ),
 }
@@ -214,6 +221,8 @@ def check_config(cfg: TrainConfig, on_gpu: bool = False) -> None:
         bad("dist_timeout", "must be > 0 seconds")
     if cfg.moments_dtype not in ("auto", "float32", "bfloat16"):
         bad("moments_dtype", "choose auto, float32 or bfloat16")
+    if cfg.second_moment not in ("full", "factored"):
+        bad("second_moment", "choose full or factored")
     if cfg.update_chunk_mb < 0:
         bad("update_chunk_mb", "must be >= 0 (0 = one compiled update)")
     if cfg.lanes < 0:

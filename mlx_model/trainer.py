@@ -90,7 +90,9 @@ class Trainer:
             1, (os.cpu_count() or 1) // lanes
         )  # BLAS threads while lanes run
         moments = None if cfg.moments_dtype == "auto" else getattr(mx, cfg.moments_dtype)
-        self.optimizer = make_optimizer(self.schedule, cfg.weight_decay, moments_dtype=moments)
+        self.optimizer = make_optimizer(
+            self.schedule, cfg.weight_decay, moments_dtype=moments, second_moment=cfg.second_moment
+        )
         model.grad_checkpoint = cfg.grad_checkpoint
         self.optimizer.init(model.trainable_parameters())
         if optimizer_state is not None:  # before compiling: the compiled steps capture this state

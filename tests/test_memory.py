@@ -71,9 +71,11 @@ def test_grad_checkpoint_gives_the_same_training(compiled, lanes, accum):
         assert err < 2e-6, f"{k}: rel err {err:.2e}"
 
 
-def test_chunked_update_equals_compiled_update():
+@pytest.mark.parametrize("second_moment", ["full", "factored"])
+def test_chunked_update_equals_compiled_update(second_moment):
     data = batches(3, 3, 2, 4, 16)
     kw = dict(batch_size=4, seq_len=16, accum=2, lr=1e-2, warmup=1, max_steps=3, lanes=1)
+    kw.update(second_moment=second_moment)
     ref = run_steps(TrainConfig(**kw), data)
     got = run_steps(TrainConfig(update_chunk_mb=0.05, **kw), data)  # many chunks
     a, b = flat(ref.model.parameters()), flat(got.model.parameters())
@@ -127,6 +129,10 @@ PLAN_CASES = {
     "tiny-chunked-bf16-moments": (
         "tiny",
         dict(lanes=1, accum=2, update_chunk_mb=0.2, moments_dtype="bfloat16"),
+    ),
+    "small-factored-bf16-m": (
+        "small",
+        dict(batch_size=2, lanes=1, accum=2, moments_dtype="bfloat16", second_moment="factored"),
     ),
 }
 
