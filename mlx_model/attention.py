@@ -7,6 +7,8 @@ MLA (SPEC section 3). Shapes: B batch, L new tokens, S cached + new tokens, H he
 - Absorbed path (decode: a cache and L <= ABSORB_MAX_L new tokens, one token or a speculative
   verification block): fold kv_b_proj's key part into the query and its value part into the
   output, so attention runs against the cached latent directly.
+Both attentions take `at` (a scalar array): all L rows are written to the cache but only row
+`at` queries it, output [B, 1, D] (speculative drafting needs one row of a re-read block).
 """
 
 from __future__ import annotations
@@ -117,12 +119,16 @@ class MLA(nn.Module):
         out = sdpa(q, k, latent, self.scale, mask)  # [B, H, L, r]
         return out @ w_uv.swapaxes(-1, -2)  # [B, H, L, d_v]
 
-    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: Mask = "causal", cache: Any | None = None, at: Any = None
+    ) -> mx.array:
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
         q_nope, q_rope, latent, k_rope = self.project(x, offset)
         if cache is not None:
             latent, k_rope = cache.update_and_fetch(latent, k_rope)
+        if at is not None:  # every row enters the cache, only row `at` queries it
+            q_nope, q_rope, L = _row(q_nope, at), _row(q_rope, at), 1
         attend = self.absorbed if (cache is not None and L <= ABSORB_MAX_L) else self.naive
         out = attend(q_nope, q_rope, latent, k_rope, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
@@ -141,7 +147,9 @@ class MQA(nn.Module):
         self.v_proj = nn.Linear(D, hd, bias=False)
         self.o_proj = nn.Linear(H * hd, D, bias=False)
 
-    def __call__(self, x: mx.array, mask: Mask = "causal", cache: Any | None = None) -> mx.array:
+    def __call__(
+        self, x: mx.array, mask: Mask = "causal", cache: Any | None = None, at: Any = None
+    ) -> mx.array:
         a = self.args
         B, L, _ = x.shape
         offset = cache.offset if cache is not None else 0
@@ -151,8 +159,15 @@ class MQA(nn.Module):
         q, k = apply_rope(q, a, offset), apply_rope(k, a, offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
+        if at is not None:  # every row enters the cache, only row `at` queries it
+            q, L = _row(q, at), 1
         out = sdpa(q, k, v, self.scale, mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+def _row(q: mx.array, at: mx.array) -> mx.array:
+    """Query row `at` (a scalar array) of q [B, H, L, d] -> [B, H, 1, d]."""
+    return mx.take(q, at.reshape(1), axis=2)
 
 
 def make_attention(args: ModelArgs) -> nn.Module:

@@ -31,9 +31,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(args, args.hidden_size)
 
     def __call__(
-        self, x: mx.array, mask: Mask, cache: Any = None
+        self, x: mx.array, mask: Mask, cache: Any = None, at: Any = None
     ) -> tuple[mx.array, Routing | None]:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        """x [B, L, D] -> [B, L, D]; with `at` (a scalar array) every row enters the cache but
+        only row `at` goes on (mask: that row's [B, 1, 1, S]) -> [B, 1, D]."""
+        a = self.self_attn(self.input_layernorm(x), mask, cache, at)
+        h = (x if at is None else mx.take(x, at.reshape(1), axis=1)) + a
         y = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             out, routing = self.mlp.route(y)
@@ -168,16 +171,21 @@ class Model(nn.Module):
         tokens: mx.array,
         cache: Any = None,
         mask: Mask | bool = True,
+        at: Any = None,
     ) -> tuple[mx.array, mx.array, Routing | None]:
         """MTP module k (0-based) on hidden [B, T, D] beside the tokens one ahead [B, T]:
         (logits [B, T, V], its hidden state before the norm [B, T, D], routing). With a cache,
-        it decodes (speculative drafting; see mlx_model/speculative.py)."""
+        it decodes (speculative drafting; see mlx_model/speculative.py); `at` (with a cache):
+        all T positions enter the cache, only position `at` is computed on (T becomes 1)."""
         m = self.mtp[k]
         if mask is True:
             mask = attention_mask(tokens.shape[1])
         e = m.enorm(self.model.embed_tokens(tokens))
         h = m.eh_proj(mx.concatenate([m.hnorm(hidden), e], axis=-1))
-        h, r = self._run_block(m.block, h, mask, cache)
+        if at is not None:
+            h, r = m.block(h, mask, cache, at)
+        else:
+            h, r = self._run_block(m.block, h, mask, cache)
         return self.lm_head(m.norm(h)), h, r
 
     @property

@@ -20,7 +20,8 @@ Drafters:
   N > 1 it is chained: its own output hidden state stands in for the main model's at the next
   position (deeper MTP modules, when trained, are not used). After verification the module
   re-reads the verified positions with the model's true hidden states, which also gives d_1 of
-  the next step.
+  the next step: all N+1 positions enter its cache (one fixed shape), but only the last kept
+  one runs through attention's query, the MoE and the lm_head (`at`).
 - `ModelDrafter`: a smaller checkpoint with the same tokenizer, decoding N tokens ahead with its
   own static cache; it re-reads the last two positions at the start of each step, so a fully
   accepted step needs no extra pass.
@@ -149,12 +150,11 @@ class MTPDrafter:
     def advance(self, c, out, a, hidden, offset, pad, temp, key, cache):
         """Re-read positions offset..offset+N with the model's hidden states and the accepted
         tokens (only offset..offset+a are kept); its output at offset+a drafts the next d_1."""
-        L = out.shape[1]
         caches = static_caches(cache, offset, 1)
-        mask = decode_mask(offset, pad, cache[0].shape[2], L)
-        logits, h, _ = self.model.mtp_block(0, hidden, out, caches[0], mask)
-        d1, q1, key = draw(_pick(logits, a), self.params, temp, key)
-        return [d1, q1, _pick(h, a), *caches[0].state], key
+        mask = decode_mask(offset + a, pad, cache[0].shape[2])  # the query at offset + a
+        logits, h, _ = self.model.mtp_block(0, hidden, out, caches[0], mask, at=a)
+        d1, q1, key = draw(logits[:, 0], self.params, temp, key)
+        return [d1, q1, h[:, 0], *caches[0].state], key
 
 
 class ModelDrafter:

@@ -20,10 +20,10 @@ import pytest
 from mlx.utils import tree_map
 
 from conftest import decode_args
-from mlx_model.cache import StaticKVCache
+from mlx_model.cache import KVCache, StaticKVCache
 from mlx_model.checkpoint import save_model
 from mlx_model.data import train_tokenizer
-from mlx_model.engine import Engine, Stats
+from mlx_model.engine import Engine, Stats, decode_mask
 from mlx_model.model import Model, attention_mask
 from mlx_model.sampling import SamplingParams, process_logits, speculative_accept
 from mlx_model.speculative import MTPDrafter, SpeculativeError, make_round, run
@@ -140,6 +140,33 @@ def test_mtp_drafter_cache_matches_uncached_mtp(models):
         seq += out[0, : kept.item()].tolist()
         main, dstate = state[: len(main)], state[len(main) :]
         check(dstate[1])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_block_at_one_row_equals_the_full_block(models, kind):
+    """Block(x, cache, at=j) (all L rows cached, one row computed: the MTP re-read) gives row j
+    of the full cached block and the same cache, for every j (rel err < 1e-5)."""
+    model = models[kind]
+    block = model.mtp[0].block
+    rng = np.random.default_rng(7)
+    B, T, L, S = 2, 5, 4, 16
+    pad = mx.array([0, 2])
+    D = model.args.hidden_size
+    prompt = mx.array(rng.standard_normal((B, T, D)).astype(np.float32))
+    x = mx.array(rng.standard_normal((B, L, D)).astype(np.float32))
+    for j in range(L):
+        outs = []
+        for at in (None, mx.array(j)):
+            kv = KVCache()
+            block(prompt, attention_mask(T, 0, pad), kv)
+            cache = StaticKVCache.from_cache(kv, S)
+            off = mx.array(T)
+            mask = decode_mask(off, pad, S, L) if at is None else decode_mask(off + j, pad, S)
+            y = block(x, mask, cache, at)[0]
+            outs.append((y[:, j] if at is None else y[:, 0], cache.a, cache.b))
+        for got, want in zip(outs[1], outs[0]):
+            err = float(mx.linalg.norm(got - want) / mx.linalg.norm(want))
+            assert err < 1e-5, f"row {j}: rel err {err:.2e}"
 
 
 # ---------------------------------------------------------------------------- sampling
