@@ -4,7 +4,8 @@ Terms (`plan_memory`): parameters; optimizer moments (AdamW m and v in `moments_
 and a factored v: float32 row and column statistics of every matrix, see optim.AdamW);
 then the larger of two phases. The micro-steps: the summed gradients (one set per CPU lane),
 a micro-step's own gradients when it adds to a sum (MLX materialises the whole gradient tree
-before the add), and the activations of one micro-batch per lane: per decoder block the
+before the add: a whole set per lane with lanes > 1; on one lane the trainer adds a group of
+parameters at a time, so only that group), and the activations of one micro-batch per lane: per decoder block the
 float32 [B, H, T, T] attention scores and a per-token amount, and the output head's
 [B, T, vocab] logits with their float32 softmax and gradient. The update: the gradients plus
 a new copy of every parameter and moment (the compiled update), or of one chunk
@@ -18,6 +19,7 @@ fit a budget while keeping the tokens of one optimizer step.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 
@@ -167,13 +169,26 @@ def moment_bytes(args: ModelArgs, n: int, mb: int, second_moment: str) -> int:
         return 2 * n * mb
     factored, stats = 0, 0
     for shape in _matrix_shapes(args):
-        size = 1
-        for d in shape:
-            size *= d
+        size = math.prod(shape)
         factored += size
         lead = size // (shape[-1] * shape[-2])
         stats += lead * (shape[-1] + shape[-2])
     return n * mb + (n - factored) * mb + 4 * stats
+
+
+def _micro_grads(args: ModelArgs, nb: int, lanes: int, units_per_lane: int) -> int:
+    """Bytes of a micro-step's own gradients beside the sums: none for a lane's first unit (its
+    gradients start the sum); on one lane later ones are added a group of about
+    trainer.ADD_CHUNK_BYTES (plus one weight) at a time; lanes > 1 add whole gradient sets."""
+    from .trainer import ADD_CHUNK_BYTES
+
+    if units_per_lane <= 1:
+        return 0
+    n, _ = count_parameters(args)
+    if lanes > 1:
+        return lanes * n * nb
+    largest = max(math.prod(s) for s in _matrix_shapes(args))
+    return min(n * nb, largest * nb + ADD_CHUNK_BYTES)
 
 
 def _block_activations(args: ModelArgs, layer: int, B: int, T: int, nbytes: int, cpu: bool) -> int:
@@ -229,7 +244,7 @@ def plan_memory(
         "parameters": n * nb + frozen * 4,
         f"optimizer moments (AdamW m, {v})": moments,
         "step: gradient sums (per lane)": lanes * grads,
-        "step: micro-step gradients": lanes * grads if units_per_lane > 1 else 0,
+        "step: micro-step gradients": _micro_grads(args, nb, lanes, units_per_lane),
         "step: activations, decoder blocks": lanes * act,
         "step: activations, [B,T,vocab] head": lanes * head,
         "update: gradients": grads,

@@ -11,6 +11,10 @@ CPU streams side by side (each stream its own thread, the BLAS given cores // la
 Every unit's loss is a mean over equally many tokens (and sequences), so the mean of the units'
 gradients is the step's gradient whatever the cut; only the order of float32 sums changes.
 Each lane sums its own gradients; the lanes' sums are added before the update.
+
+On one lane the micro-steps after the first add their gradients to the sum a group of
+parameters at a time (`_add_leafwise`), so a micro-step's whole gradient set is never alive
+beside the sum (measured: one gradient set less at the peak, the same parameters bit for bit).
 """
 
 from __future__ import annotations
@@ -36,6 +40,10 @@ from .model import Model
 from .optim import clip_by_global_norm, clip_scale, global_norm, make_optimizer, make_schedule
 from .train_config import TrainConfig
 from .train_state import save_checkpoint
+
+# one lane: micro-steps after the first add their gradients to the sums in groups of about this
+# many bytes, each evaluated before the next (Trainer._add_leafwise)
+ADD_CHUNK_BYTES = 32_000_000
 
 
 def auto_lanes(batch_size: int, accum: int) -> int:
@@ -80,6 +88,9 @@ class Trainer:
                 f"lanes {lanes} divides neither accum {cfg.accum} nor batch_size {cfg.batch_size}"
             )
         self.lanes = lanes
+        # one lane: micro-steps after the first add their gradients leaf by leaf (no second
+        # gradient set, see _add_leafwise); lanes > 1 keep the one compiled add per unit
+        self.leafwise = lanes == 1
         self.units = cfg.accum * (1 if cfg.accum % lanes == 0 else lanes)  # gradient units per step
         self.streams = (
             [mx.new_stream(mx.cpu) for _ in range(lanes)]
@@ -164,6 +175,33 @@ class Trainer:
                 chunk, size = [], 0
         return norm
 
+    def _add_leafwise(self, acc: dict, grad_fn: Callable, params: dict, batch: mx.array):
+        """Add one micro-step's gradients to `acc` (in place) a few parameters at a time (about
+        ADD_CHUNK_BYTES), last layer first, each group of sums evaluated before the next
+        gradients are computed: the backward pass runs in pieces, and only one group's
+        gradients are alive beside the sums, not the whole gradient set that evaluating all
+        sums at once holds (MLX computes every gradient before the first add). The same
+        float32 adds as the compiled sum. Returns the micro-step's loss terms."""
+        grads, terms = grad_fn(params, batch)
+        self.model.update(params)  # a trace leaves its placeholders in the model
+        flat = tree_flatten(grads)
+        del grads  # `flat` holds the only references: each gradient is freed once added
+        group, size = [terms], 0  # the loss terms come with the first group
+        while flat:
+            path, g = flat.pop()
+            *keys, last = [int(k) if k.isdigit() else k for k in path.split(".")]
+            node = acc
+            for k in keys:
+                node = node[k]
+            node[last] = node[last] + g
+            group.append(node[last])
+            size += g.nbytes
+            del g
+            if size >= ADD_CHUNK_BYTES or not flat:
+                mx.eval(group)
+                group, size = [], 0
+        return terms
+
     def all_sum(self, x: mx.array) -> mx.array:
         return mx.distributed.all_sum(x, group=self.group) if self.world > 1 else x
 
@@ -182,11 +220,12 @@ class Trainer:
                 ):  # queue every lane's unit, then run them together
                     first, more = self.micro_fns[j]
                     with mx.stream(stream):
-                        accs[j], t = (
-                            first(params, work[j][i])
-                            if accs[j] is None
-                            else more(params, work[j][i], accs[j])
-                        )
+                        if accs[j] is None:
+                            accs[j], t = first(params, work[j][i])
+                        elif self.leafwise:
+                            t = self._add_leafwise(accs[j], first, params, work[j][i])
+                        else:
+                            accs[j], t = more(params, work[j][i], accs[j])
                     self.model.update(
                         params
                     )  # a trace leaves its placeholders in the model: put the arrays back
