@@ -202,7 +202,7 @@ def generate(
     truncate_prompt: bool = False,
     compiled: bool = True,
     speculative: str | None = None,
-    num_draft: int = 2,
+    num_draft: int = 1,
     draft_model: Any = None,
     **sampling: Any,
 ) -> str | list[str]:

@@ -53,7 +53,7 @@ class Speculative:
     """How to draft: kind "mtp" (the model's MTP modules) or "draft" (draft_model)."""
 
     kind: str = "mtp"
-    num_draft: int = 2
+    num_draft: int = 1
     draft_model: Any = None
 
     def check(self, model: Any, params: SamplingParams) -> None:

@@ -315,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         help="MKL/OpenBLAS threads for the MLX contenders (default: the library's own choice)",
     )
     p.add_argument(
-        "--num-draft", type=int, default=2, help="generate: speculative tokens drafted per step"
+        "--num-draft", type=int, default=1, help="generate: speculative tokens drafted per step"
     )
     a = p.parse_args(argv)
     t = time.perf_counter()

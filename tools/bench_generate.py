@@ -1,7 +1,7 @@
 """`python -m tools.bench generate`: decoding side by side on a trained model.
 
     python -m tools.bench generate [--repeats 3] [--prompt-len 128] [--new-tokens 256]
-                                   [--num-draft 2] [--json OUT]
+                                   [--num-draft 1] [--json OUT]
 
 Speculative acceptance depends on training, so this bench never uses random weights: it trains
 (once, cached in weights/) the `small` preset with one MTP module for 300 steps on the built-in
@@ -9,9 +9,13 @@ corpus (FIXTURE), and a 2-layer, 128-wide draft model on the same tokenizer (DRA
 `convert -q` writes 8- and 4-bit directories of FIXTURE; our q8/q4 rows load those very
 directories, so both libraries decode the same quantized weights.
 
+The MTP module of FIXTURE is also self-distilled (DISTILLED: mlx_model/mtp_distill.py, the
+model's own greedy continuations of corpus windows, DISTILL_STEPS steps; same main weights).
+
 Rows (each its own worker process, interleaved round-robin as in the train bench; medians):
-ours plain / MTP-speculative / draft-model speculative / q8 / q4 / --quantize 4 plain and + MTP
-(mlx-lm's directories drop the MTP weights, so these rows quantize the fixture on load), mlx-lm plain /
+ours plain / MTP-speculative (trained and distilled MTP) / draft-model speculative / q8 / q4 /
+--quantize 4 plain and + MTP (mlx-lm's directories drop the MTP weights, so these rows quantize
+the fixture on load), mlx-lm plain /
 its draft-model speculative decoding / q8 / q4. Columns: decode tokens/s (prefill excluded),
 acceptance (kept drafts / proposed drafts; mlx-lm does not report proposals, so for it the share
 of tokens that came from the draft), weight bytes, peak memory (as in the train bench) and
@@ -32,7 +36,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = "weights/bench-gen-small-mtp1"
 DRAFT = "weights/bench-gen-draft"
+DISTILLED = "weights/bench-gen-small-mtp1-distill"  # FIXTURE, MTP module self-distilled
 STEPS = "300"
+DISTILL_STEPS = "150"
 TRAIN = {
     FIXTURE: ["--preset", "small", "--num-nextn-predict-layers", "1"],
     DRAFT: [
@@ -72,6 +78,19 @@ def ensure_fixture(out: str) -> Path:
     return d
 
 
+def ensure_distilled(fixture: Path) -> Path:
+    """FIXTURE with its MTP module trained on the model's own greedy continuations of corpus
+    windows (mlx_model/mtp_distill.py; never the bench's held-out prompt), cached."""
+    d = ROOT / DISTILLED
+    if (d / "trainer_state.json").is_file():  # written last
+        return d
+    cmd = [sys.executable, "-m", "mlx_model.mtp_distill", "--model", str(fixture)]
+    cmd += ["--out", str(d), "--steps", DISTILL_STEPS]
+    print(f"distilling the MTP module into {DISTILLED} ...", file=sys.stderr, flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return d
+
+
 def held_out_text() -> list[str]:
     import importlib
 
@@ -89,12 +108,15 @@ def val_ce(model: Any, tok: Any) -> float:
     return evaluate(model, np.array(ids, np.int32), 128)["ce"]
 
 
-def variants(fixture: Path, draft: Path, q: dict[int, Path], n: int) -> dict[str, dict]:
+def variants(
+    fixture: Path, draft: Path, q: dict[int, Path], n: int, distilled: Path | None = None
+) -> dict[str, dict]:
     """Row name -> what its worker loads and how it decodes."""
     f, d = str(fixture), str(draft)
     return {
         "ours": {"lib": "ours", "dir": f},
         f"ours mtp N={n}": {"lib": "ours", "dir": f, "mtp": n},
+        f"ours mtp-distill N={n}": {"lib": "ours", "dir": str(distilled or f), "mtp": n},
         f"ours draft N={n}": {"lib": "ours", "dir": f, "draft": d, "n": n},
         "ours q8": {"lib": "ours", "dir": str(q[8]), "ref": "mlx_lm q8"},
         "ours q4": {"lib": "ours", "dir": str(q[4]), "ref": "mlx_lm q4"},
@@ -119,6 +141,7 @@ def bench_generate(a: Any) -> dict:
     from tools.bench_workers import Proc, interleave, median
 
     fixture, draft = ensure_fixture(FIXTURE), ensure_fixture(DRAFT)
+    distilled = ensure_distilled(fixture)
     tok = Tokenizer.load(str(fixture))
     text = " ".join(held_out_text())
     prompt = ([tok.bos_id] if tok.bos_id is not None else []) + tok.encode(text)
@@ -129,7 +152,7 @@ def bench_generate(a: Any) -> dict:
         cmd = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(fixture)]
         cmd += ["--mlx-path", str(path), "-q", "--q-bits", str(bits), "--q-group-size", "64"]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows = variants(fixture, draft, q, a.num_draft)
+    rows = variants(fixture, draft, q, a.num_draft, distilled)
     # Batch-1 decoding multiplies a few rows at a time; one BLAS thread per process is faster
     # for both libraries here (a second thread only adds a hand-off per tiny matmul).
     threads = a.mlx_blas_threads or 1

@@ -11,15 +11,9 @@ import argparse
 import statistics
 import time
 
-import mlx_model  # noqa: F401  # isort: skip  (loads a fast BLAS before MLX)
-
-import mlx.core as mx
 import numpy as np
 
-from mlx_model.config import preset
-from mlx_model.model import Model
-from mlx_model.train_config import TrainConfig
-from mlx_model.trainer import Trainer
+from mlx_model import speedups
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,6 +21,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", default="small", help="model and batch preset")
     p.add_argument("--rounds", type=int, default=8, help="interleaved timed steps per trainer")
     a = p.parse_args(argv)
+    speedups.enable_for_cli()  # a fast BLAS and vectorised kernels, before mlx.core loads
+    import mlx.core as mx
+
+    from mlx_model.config import preset
+    from mlx_model.model import Model
+    from mlx_model.train_config import TrainConfig
+    from mlx_model.trainer import Trainer
+
     cfg = TrainConfig(preset=a.preset, max_steps=1000, warmup=10, progress=False)
     B, T = cfg.batch_size, cfg.seq_len
     rng = np.random.default_rng(0)

@@ -22,15 +22,7 @@ import statistics
 import time
 from typing import Any
 
-import mlx_model  # noqa: F401  # isort: skip  (loads a fast BLAS before MLX)
-
-import mlx.core as mx
-
-from mlx_model.cache import StaticKVCache
-from mlx_model.engine import Engine, Stats, decode_mask, static_caches
-from mlx_model.generation import load
-from mlx_model.sampling import SamplingParams
-from mlx_model.speculative import run as run_speculative
+from mlx_model import speedups
 
 
 def bench_prompt(tok: Any, n: int) -> list[int]:
@@ -41,8 +33,12 @@ def bench_prompt(tok: Any, n: int) -> list[int]:
     return ids[:n]
 
 
-def decode_runs(engine: Engine, prompt: list[int], new: int, drafts: list[int], repeats: int):
+def decode_runs(engine: Any, prompt: list[int], new: int, drafts: list[int], repeats: int):
     """Interleaved whole runs: name -> list of Stats (plain first, then each N)."""
+    from mlx_model.engine import Stats
+    from mlx_model.sampling import SamplingParams
+    from mlx_model.speculative import run as run_speculative
+
     params = SamplingParams(max_tokens=new, temperature=0.0, top_p=1.0)
     names = ["plain"] + [f"N={n}" for n in drafts]
     runs: dict[str, list[Stats]] = {k: [] for k in names}
@@ -70,6 +66,8 @@ def decode_runs(engine: Engine, prompt: list[int], new: int, drafts: list[int], 
 
 def timed(fns: dict[str, tuple], repeats: int, inner: int = 20) -> dict[str, float]:
     """Best-of-repeats ms per call of each (compiled fn, args), interleaved."""
+    import mlx.core as mx
+
     for f, args in fns.values():
         for _ in range(3):
             mx.eval(f(*args))
@@ -83,8 +81,13 @@ def timed(fns: dict[str, tuple], repeats: int, inner: int = 20) -> dict[str, flo
     return best
 
 
-def parts(model: Any, engine: Engine, prompt: list[int], drafts: list[int], repeats: int):
+def parts(model: Any, engine: Any, prompt: list[int], drafts: list[int], repeats: int):
     """Component costs (ms) and the primitive count of one plain step."""
+    import mlx.core as mx
+
+    from mlx_model.cache import StaticKVCache
+    from mlx_model.engine import decode_mask, static_caches
+
     pre = engine.prefill([prompt])
     cap = engine.capacity(len(prompt), 256, 8)
     main = [s for k in pre.cache for s in StaticKVCache.from_cache(k, cap).state]
@@ -127,6 +130,8 @@ def primitive_count(fn, *args) -> int:
     import re
     import tempfile
 
+    import mlx.core as mx
+
     with tempfile.NamedTemporaryFile(suffix=".dot", mode="r") as f:
         mx.export_to_dot(f.name, *fn(*args))
         return len(re.findall(r'label ="[A-Za-z]', f.read()))
@@ -147,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--new-tokens", type=int, default=256, help="tokens decoded per run")
     p.add_argument("--quantize", type=int, default=None, help="quantize on load (4 or 8 bits)")
     a = p.parse_args(argv)
+    speedups.enable_for_cli()  # a fast BLAS and vectorised kernels, before mlx.core loads
+    from mlx_model.engine import Engine
+    from mlx_model.generation import load
+
     model, tok = load(a.model, a.quantize)
     engine = Engine(model)
     prompt = bench_prompt(tok, a.prompt_len)
