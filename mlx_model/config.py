@@ -415,11 +415,11 @@ def _seed() -> ModelArgs:
 
 
 def _mac8gb() -> ModelArgs:
-    # The largest DeepSeek-V3-style model (MLA with q/kv low-rank, 64 routed experts in 8
-    # groups of 8, top-4 within the best 4 groups, sigmoid noaux_tc routing, 1 shared expert,
-    # 1 dense layer; 310.3M parameters) whose training peak stays under 5.0 GB (an 8 GB
-    # Apple-silicon Mac's working set) with its training preset (float32 weights, bfloat16 m,
-    # factored second moment, chunked update, 8K tokens per step):
+    # A DeepSeek-V3-style model (MLA with q/kv low-rank, 88 routed experts in 8 groups of 11,
+    # top-4 within the best 4 groups, sigmoid noaux_tc routing, 1 shared expert, 1 dense layer;
+    # 409.6M parameters) whose training peak stays under 5.0 GB (an 8 GB Apple-silicon Mac's
+    # working set) with its training preset (float32 weights, bfloat16 m, factored second
+    # moment, gradients added a group at a time, chunked update, 8K tokens per step):
     # `python -m mlx_model.train --preset mac8gb --plan true` prints the plan.
     return ModelArgs(
         vocab_size=16384,
@@ -434,7 +434,7 @@ def _mac8gb() -> ModelArgs:
         qk_nope_head_dim=64,
         qk_rope_head_dim=32,
         v_head_dim=64,
-        n_routed_experts=64,
+        n_routed_experts=88,
         n_shared_experts=1,
         num_experts_per_tok=4,
         n_group=8,

@@ -35,6 +35,12 @@ _C_HEAD = 2.75  # live float32 [B, T, V] copies in the loss (softmax, gradient),
 # in the backward pass, but MLX 0.32 (CPU) still holds most intermediates until the step's
 # evaluation ends (measured: small, 17% less activation memory)
 _C_CHECKPOINT = 0.85
+# weight-sized temporaries of one chunk of the chunked update (scaled gradient, new parameter
+# and moments, the update's intermediates), per byte of the chunk's float32 gradients. A chunk
+# is at least one whole weight (a stacked expert tensor can exceed --update-chunk-mb).
+# Measured (mac8gb at 2 layers, 69 MB expert tensors, bfloat16 moments): AdamW (mlx's
+# uncompiled update) 8.0; the factored update (compiled per weight) 4.2
+_C_UPDATE = {"full": 8.0, "factored": 4.5}
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -191,6 +197,20 @@ def _micro_grads(args: ModelArgs, nb: int, lanes: int, units_per_lane: int) -> i
     return min(n * nb, largest * nb + ADD_CHUNK_BYTES)
 
 
+def _per_slot_grads(args: ModelArgs, tokens: int, nbytes: int, cpu: bool) -> int:
+    """With few (token, expert) slots per expert, moe.Experts.block_size is 1 (one row per slot,
+    as mlx-lm decodes) and the backward of its gather_mm makes a [out, in] weight gradient per
+    slot for gate, up and down at once in one MoE layer (measured: mac8gb at 2 layers, T 64,
+    +600 MB); bigger blocks use a segmented product instead. 0 when blocks are bigger or the
+    CPU takes the dense path (half precision)."""
+    a = args
+    slots = tokens * a.num_experts_per_tok
+    moe = any(a.is_moe_layer(i) for i in range(a.num_hidden_layers))
+    if not moe or 8 * a.n_routed_experts <= slots or (cpu and nbytes < 4):
+        return 0
+    return 3 * slots * a.hidden_size * a.moe_intermediate_size * 4
+
+
 def _block_activations(args: ModelArgs, layer: int, B: int, T: int, nbytes: int, cpu: bool) -> int:
     """Bytes one block keeps for its backward pass at micro-batch [B, T]: the float32
     [B, H, T, T] attention scores (and their softmax and gradient), a per-token amount for the
@@ -236,7 +256,9 @@ def plan_memory(
     grads = n * nb
     moments = moment_bytes(args, n, mb, cfg.second_moment)
     if cfg.update_chunk_mb > 0:
-        update = int(min(3 * cfg.update_chunk_mb * 1e6, n * nb + moments))
+        largest = max(math.prod(s) for s in _matrix_shapes(args)) * nb
+        chunk = _C_UPDATE[cfg.second_moment] * max(cfg.update_chunk_mb * 1e6, largest)
+        update = int(min(chunk, n * nb + moments))
     else:
         update = n * nb + moments  # new parameters and moments beside the old
     v = "factored v" if cfg.second_moment == "factored" else "v"
@@ -247,6 +269,7 @@ def plan_memory(
         "step: micro-step gradients": _micro_grads(args, nb, lanes, units_per_lane),
         "step: activations, decoder blocks": lanes * act,
         "step: activations, [B,T,vocab] head": lanes * head,
+        "step: per-slot expert gradients": lanes * _per_slot_grads(args, rows * T, nb, cpu),
         "update: gradients": grads,
         "update: new parameters/moments": update,
     }

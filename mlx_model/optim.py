@@ -10,6 +10,7 @@ Schedules: linear warmup, then cosine or warmup-stable-decay (linear decay over 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import mlx.core as mx
@@ -117,28 +118,49 @@ class AdamW(optim.AdamW):
             out = super().apply_single(gradient, parameter, state)
             self._store(state)
             return out
-        dt = gradient.dtype
-        lr = self.learning_rate.astype(dt)
-        b1, b2 = self.betas
-        step = self.step
-        parameter = parameter * (1 - lr * self.weight_decay)
-        m = b1 * state["m"] + (1 - b1) * gradient
-        sq = mx.square(gradient.astype(mx.float32)) + FACTORED_EPS
-        r = b2 * state["v_row"] + (1 - b2) * mx.mean(sq, axis=-1)
-        c = b2 * state["v_col"] + (1 - b2) * mx.mean(sq, axis=-2)
-        state["m"] = m.astype(self.moments_dtype) if self.moments_dtype is not None else m
-        state["v_row"], state["v_col"] = r, c
-        # sqrt(v_hat) = sqrt(r / mean(r)) (rows) x sqrt(c) (columns), fused into the update
-        rows = mx.sqrt(r / mx.mean(r, axis=-1, keepdims=True)).astype(dt)
-        sqrt_v = rows[..., :, None] * mx.sqrt(c).astype(dt)[..., None, :]
-        c1 = (lr / (1 - b1**step)).astype(dt)
-        c2 = mx.rsqrt(1 - b2**step).astype(dt)
-        return parameter - c1 * m / (sqrt_v * c2 + self.eps)
+        betas = tuple(self.betas)
+        fn = _factored_update(self.moments_dtype, betas, self.eps, self.weight_decay)
+        new, state["m"], state["v_row"], state["v_col"] = fn(
+            gradient,
+            parameter,
+            state["m"],
+            state["v_row"],
+            state["v_col"],
+            self.learning_rate,
+            self.step,
+        )
+        return new
 
     def _store(self, state: dict) -> None:
         if self.moments_dtype is not None:
             state["m"] = state["m"].astype(self.moments_dtype)
             state["v"] = state["v"].astype(self.moments_dtype)
+
+
+@functools.cache
+def _factored_update(moments_dtype: mx.Dtype | None, betas: tuple, eps: float, wd: float):
+    """The factored update of one weight (formulas in AdamW's docstring) as one compiled
+    function per setting (and, inside mx.compile, per shape): its element-wise chains fuse, so
+    a large weight (a stacked expert tensor) needs few weight-sized temporaries in the update."""
+    b1, b2 = betas
+
+    def update(g, p, m, r, c, lr, step):
+        dt = g.dtype
+        lr = lr.astype(dt)
+        p = p * (1 - lr * wd)
+        m = b1 * m + (1 - b1) * g
+        sq = mx.square(g.astype(mx.float32)) + FACTORED_EPS
+        r = b2 * r + (1 - b2) * mx.mean(sq, axis=-1)
+        c = b2 * c + (1 - b2) * mx.mean(sq, axis=-2)
+        # sqrt(v_hat) = sqrt(r / mean(r)) (rows) x sqrt(c) (columns), fused into the update
+        rows = mx.sqrt(r / mx.mean(r, axis=-1, keepdims=True)).astype(dt)
+        sqrt_v = rows[..., :, None] * mx.sqrt(c).astype(dt)[..., None, :]
+        c1 = (lr / (1 - b1**step)).astype(dt)
+        c2 = mx.rsqrt(1 - b2**step).astype(dt)
+        new = p - c1 * m / (sqrt_v * c2 + eps)
+        return new, (m if moments_dtype is None else m.astype(moments_dtype)), r, c
+
+    return mx.compile(update)
 
 
 def make_optimizer(

@@ -82,7 +82,8 @@ def bench(a: argparse.Namespace) -> dict:
     tr = {"batch_size": 16, "seq_len": 128, "accum": 1} | {
         k: v
         for k, v in training_preset(a.preset).items()
-        if k in ("batch_size", "seq_len", "accum", "moments_dtype", "update_chunk_mb")
+        if k
+        in ("batch_size", "seq_len", "accum", "moments_dtype", "second_moment", "update_chunk_mb")
     }
     for k in ("batch_size", "seq_len", "accum"):
         if getattr(a, k):

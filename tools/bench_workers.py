@@ -193,6 +193,7 @@ class TrainWorker:
             lanes=s.get("lanes", 0),
             grad_checkpoint=s.get("grad_checkpoint", False),
             moments_dtype=s.get("moments_dtype", "auto"),
+            second_moment=s.get("second_moment", "full"),
             update_chunk_mb=s.get("update_chunk_mb", 0.0),
         )
         model = load_model(ckpt, dtype=pick_dtype(cfg.dtype))
