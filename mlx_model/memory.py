@@ -269,10 +269,12 @@ def plan_memory(
         "step: micro-step gradients": _micro_grads(args, nb, lanes, units_per_lane),
         "step: activations, decoder blocks": lanes * act,
         "step: activations, [B,T,vocab] head": lanes * head,
-        "step: per-slot expert gradients": lanes * _per_slot_grads(args, rows * T, nb, cpu),
         "update: gradients": grads,
         "update: new parameters/moments": update,
     }
+    per_slot = _per_slot_grads(args, rows * T, nb, cpu)
+    if per_slot:
+        terms["step: per-slot expert gradients"] = lanes * per_slot
     if world > 1:  # the all-reduce concatenates every gradient into one buffer
         terms["update: all-reduce buffer"] = grads
     return MemoryPlan(terms, B, cfg.accum, cfg.grad_checkpoint, lanes)
