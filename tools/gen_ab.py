@@ -80,10 +80,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"in-process A/B, {a.repeats} interleaved runs each, {a.new_tokens} tokens, greedy")
     for r in a.rows:
         t, c = statistics.median(tps[r]), statistics.median(cpu[r])
-        same = workers[r].tokens == workers[ref].tokens
+        other = rows[r].get("ref", "ours")  # the row decoding the same weights (the bench's)
+        other = other if other in workers else ref
+        same = workers[r].tokens == workers[other].tokens
         print(
             f"{r:22s} {t:7.1f} tokens/s {t / t0:5.2f}x | CPU {c * 1e3:6.2f} ms/token "
-            f"{c0 / c:5.2f}x | same tokens as {ref}: {same}"
+            f"{c0 / c:5.2f}x | same tokens as {other}: {same}"
         )
 
 
