@@ -31,10 +31,6 @@ from .train_config import TrainConfig, TrainError
 _C_SCORES = 2.3  # live float32 [B, H, T, T] copies per block (scores, softmax, gradient)
 _C_TOKEN_LAYER = 8940  # bytes per token per block: projections, routing, residuals
 _C_HEAD = 2.75  # live float32 [B, T, V] copies in the loss (softmax, gradient), besides logits
-# share of block activations left with --grad-checkpoint: mx.checkpoint recomputes each block
-# in the backward pass, but MLX 0.32 (CPU) still holds most intermediates until the step's
-# evaluation ends (measured: small, 17% less activation memory)
-_C_CHECKPOINT = 0.85
 # weight-sized temporaries of one chunk of the chunked update (scaled gradient, new parameter
 # and moments, the update's intermediates), per byte of the chunk's float32 gradients. A chunk
 # is at least one whole weight (a stacked expert tensor can exceed --update-chunk-mb).
@@ -246,13 +242,22 @@ def plan_memory(
     blocks = list(range(args.num_hidden_layers))
     blocks += [args.num_hidden_layers] * args.num_nextn_predict_layers
     per_block = [_block_activations(args, i, rows, T, nb, cpu) for i in blocks]
-    if cfg.grad_checkpoint:  # block inputs kept; one block recomputed at a time
-        kept = [rows * T * args.hidden_size * nb for _ in blocks]
-        act = int(_C_CHECKPOINT * sum(per_block) + (1 - _C_CHECKPOINT) * sum(kept))
-    else:
-        act = sum(per_block)
     depths = 1 + args.num_nextn_predict_layers  # MTP depths run their own [B, T, V] loss
     head = depths * int(rows * T * args.vocab_size * (nb + 4 * _C_HEAD))
+    if cfg.grad_checkpoint:
+        # each block's input is kept; the blocks are recomputed one at a time in the backward
+        # pass (depth-first order, speedups.depth_first_order), after the head's [B, T, vocab]
+        # arrays are gone: the larger of the two, not their sum
+        kept = len(blocks) * rows * T * args.hidden_size * nb
+        activations = {
+            "step: activations, kept block inputs": lanes * kept,
+            "step: activations, head or one recomputed block": lanes * max(head, max(per_block)),
+        }
+    else:
+        activations = {
+            "step: activations, decoder blocks": lanes * sum(per_block),
+            "step: activations, [B,T,vocab] head": lanes * head,
+        }
     grads = n * nb
     moments = moment_bytes(args, n, mb, cfg.second_moment)
     if cfg.update_chunk_mb > 0:
@@ -267,8 +272,7 @@ def plan_memory(
         f"optimizer moments (AdamW m, {v})": moments,
         "step: gradient sums (per lane)": lanes * grads,
         "step: micro-step gradients": _micro_grads(args, nb, lanes, units_per_lane),
-        "step: activations, decoder blocks": lanes * act,
-        "step: activations, [B,T,vocab] head": lanes * head,
+        **activations,
         "update: gradients": grads,
         "update: new parameters/moments": update,
     }

@@ -9,10 +9,12 @@ The model returns logits; losses live in the training code.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .attention import Mask, make_attention
 from .config import ModelArgs
@@ -44,21 +46,57 @@ class Block(nn.Module):
         return h + self.mlp(y), None
 
 
+def recomputed(fn: Callable[[dict, mx.array], tuple]) -> Callable[[dict, mx.array], tuple]:
+    """fn(params, x) -> tuple of float arrays, whose backward pass recomputes fn's activations
+    from (params, x) instead of keeping them (activation checkpointing); gradients as fn's.
+
+    Two orderings make the saving real on MLX 0.32; `mx.checkpoint` has neither and saved 17%
+    of a block's activations (issue 14): the recomputation waits for the outputs' cotangents,
+    and x's cotangent waits for the parameters' gradients. Without the second, MLX's
+    breadth-first evaluation order leaves every block's weight-gradient products (the arrays
+    nearest the graph's outputs) to the end, keeping all blocks' recomputed activations alive
+    at once; with it, a block's backward finishes before the previous block's starts."""
+
+    @mx.custom_function
+    def run(params: dict, x: mx.array) -> tuple:
+        return fn(params, x)
+
+    @run.vjp
+    def run_vjp(primals: tuple, cotangents: tuple, outputs: tuple) -> tuple:
+        params, x = primals
+        names, leaves = zip(*tree_flatten(params))
+        *leaves, x = mx.depends([*leaves, x], list(cotangents))
+
+        def flat(*arrays: mx.array) -> tuple:
+            return fn(tree_unflatten(list(zip(names, arrays[:-1]))), arrays[-1])
+
+        _, grads = mx.vjp(flat, [*leaves, x], list(cotangents))
+        *dparams, dx = grads
+        (dx,) = mx.depends([dx], dparams)
+        return tree_unflatten(list(zip(names, dparams))), dx
+
+    return run
+
+
 def checkpointed(block: Block, x: mx.array, mask: Mask) -> tuple[mx.array, Routing | None]:
-    """block(x, mask) under mx.checkpoint: only the block's input is kept for the backward
+    """block(x, mask) under `recomputed`: only the block's input is kept for the backward
     pass, which runs the block's forward again (activation checkpointing, training only).
     The block's parameters are explicit inputs, so their gradients flow as without it."""
 
     def run(params: dict, x: mx.array) -> tuple[mx.array, ...]:
+        own = block.trainable_parameters()
         block.update(params)
-        y, r = block(x, mask)
+        try:
+            y, r = block(x, mask)
+        finally:
+            block.update(own)  # the backward pass's recomputed parameters do not stay
         if r is None:
             return (y,)
-        # integer outputs (indices, counts) leave as float32: mx.checkpoint's backward expects
-        # a cotangent per output, which integer arrays do not get
+        # integer outputs (indices, counts) leave as float32: the backward pass takes a
+        # cotangent per output, which integer arrays do not get
         return (y, r.scores, *(a.astype(mx.float32) for a in r[1:]))
 
-    out = mx.checkpoint(run)(block.trainable_parameters(), x)
+    out = recomputed(run)(block.trainable_parameters(), x)
     if len(out) == 1:
         return out[0], None
     ints = (mx.stop_gradient(a).astype(mx.int32) for a in out[2:])
@@ -196,8 +234,6 @@ class Model(nn.Module):
 def init_weights(model: Model, args: ModelArgs) -> None:
     """Normal(0, init_std) for every matrix and embedding; norms stay 1/0; routing bias 0.
     Output projections (o_proj, down_proj) are scaled by 1/sqrt(2 * layers), as in GPT-2."""
-    from mlx.utils import tree_flatten, tree_unflatten
-
     std = args.init_std
     out_std = std / (2 * args.num_hidden_layers) ** 0.5
     new = []

@@ -371,6 +371,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg, args = resolve(argv)
         planned = plan_for_cli(cfg, args)
         if planned is not None:
+            if planned.grad_checkpoint:  # before anything is evaluated
+                from .speedups import depth_first_order
+
+                depth_first_order()
             train(planned, args)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -32,9 +32,11 @@ def worker(name: str, ckpt: str, spec_json: str) -> None:
     """One contender: build, warm up, reset the peak, time `steps` steps, print one JSON line."""
     spec = json.loads(spec_json)
     if name != "torch_reference":  # torch's process keeps its own BLAS and OpenMP only
-        from mlx_model.speedups import enable_for_cli
+        from mlx_model.speedups import depth_first_order, enable_for_cli
 
         enable_for_cli()
+        if name == "mlx_model" and spec.get("grad_checkpoint"):
+            depth_first_order()  # as mlx_model.train does with --grad-checkpoint
         import mlx.core as mx
     else:
         mx = None

@@ -427,10 +427,12 @@ def worker_main(kind: str, name: str, ckpt: str, spec_json: str, cls: Any = None
     """A contender's process: build, warm up, then answer `run` / `quit` lines on stdin.
     `cls` builds the contender (default: by kind and name)."""
     if name != "torch_reference":  # torch's process keeps its own BLAS and OpenMP only
-        from mlx_model.speedups import enable_for_cli
+        from mlx_model.speedups import depth_first_order, enable_for_cli
 
         enable_for_cli()
     spec = json.loads(spec_json)
+    if name == "mlx_model" and spec.get("grad_checkpoint"):
+        depth_first_order()  # as mlx_model.train does with --grad-checkpoint
     import importlib
 
     # Import each contender's libraries before the memory baseline: they are not its footprint.
