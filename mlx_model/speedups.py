@@ -15,7 +15,8 @@ tools.bench`) call `enable_for_cli()` first thing when run as programs. On Linux
    out, $MLX_MODEL_KERNEL_CACHE moves the cache);
 3. asks MLX for breadth-first graph order (MLX_BFS_MAX_WIDTH=1000 unless set), which the trainer's
    CPU lanes need (mlx_model/trainer.py): depth first, MLX's cap on queued tasks makes the second
-   lane wait for the first. MLX reads it once, at its first evaluation.
+   lane wait for the first. MLX reads it once, at its first evaluation. `--grad-checkpoint`
+   asks for depth first instead (`depth_first_order`): memory before lane overlap.
 Environment changes (2, 3) go to the process's C environment only (`os.putenv`: what MLX reads);
 `os.environ` stays as it was. Elsewhere (macOS: Accelerate and Metal) it does nothing.
 """
