@@ -2,15 +2,16 @@
 
 Terms (`plan_memory`): parameters; optimizer moments (AdamW m and v in `moments_dtype`, or m
 and a factored v: float32 row and column statistics of every matrix, see optim.AdamW);
-then the larger of two phases. The micro-steps: the summed gradients (one set per CPU lane),
-a micro-step's own gradients when it adds to a sum (MLX materialises the whole gradient tree
+then the larger of two phases. The micro-steps: the summed gradients (one set per CPU lane), a
+micro-step's own gradients when it adds to a sum (MLX materialises the whole gradient tree
 before the add: a whole set per lane with lanes > 1; on one lane the trainer adds a group of
-parameters at a time, so only that group), and the activations of one micro-batch per lane: per decoder block the
-float32 [B, H, T, T] attention scores and a per-token amount, and the output head's
-[B, T, vocab] logits with their float32 softmax and gradient. The update: the gradients plus
-a new copy of every parameter and moment (the compiled update), or of one chunk
-(`--update-chunk-mb`). The factors (`_C_*`) were fitted to `mx.get_peak_memory()` on MLX
-0.32's CPU backend with compiled steps; tests/test_memory.py holds the plan within 20% of it.
+parameters at a time, so only that group), and the activations of one micro-batch per lane: per
+decoder block the float32 [B, H, T, T] attention scores and a per-token amount that scales with
+the model's widths (_token_floats), and the output head's [B, T, vocab] logits with their
+float32 softmax and gradient. The update: the gradients plus a new copy of every parameter and
+moment (the compiled update), or of one chunk (`--update-chunk-mb`). The factors (`_C_*`) were
+fitted to `mx.get_peak_memory()` on MLX 0.32's CPU backend with compiled steps;
+tests/test_memory.py holds the plan within 20% of it.
 
 `fit_budget` picks micro-batch size, accumulation, checkpointing and the chunked update that
 fit a budget while keeping the tokens of one optimizer step.
@@ -26,11 +27,11 @@ from dataclasses import dataclass
 from .config import ModelArgs
 from .train_config import TrainConfig, TrainError
 
-# Factors fitted to peaks measured on MLX 0.32's CPU backend with compiled steps (tiny, small,
-# seed and variants of their width, depth, vocabulary, batch and sequence length).
-_C_SCORES = 2.3  # live float32 [B, H, T, T] copies per block (scores, softmax, gradient)
-_C_TOKEN_LAYER = 8940  # bytes per token per block: projections, routing, residuals
-_C_HEAD = 2.75  # live float32 [B, T, V] copies in the loss (softmax, gradient), besides logits
+# Factors fitted to peaks measured on MLX 0.32's CPU backend with compiled steps (the presets,
+# their larger micro-batches, sequences and vocabularies, checkpointed, bfloat16, mac8gb cuts).
+_C_SCORES = 1.6  # live float32 [B, H, T, T] copies per block (scores, softmax, gradient)
+_C_TOKEN = 1.0  # live float32 copies of each per-token value _token_floats counts
+_C_HEAD = 1.75  # live float32 [B, T, V] copies in the loss (softmax, gradient), besides logits
 # weight-sized temporaries of one chunk of the chunked update (scaled gradient, new parameter
 # and moments, the update's intermediates), per byte of the chunk's float32 gradients. A chunk
 # is at least one whole weight (a stacked expert tensor can exceed --update-chunk-mb).
@@ -207,14 +208,37 @@ def _per_slot_grads(args: ModelArgs, tokens: int, nbytes: int, cpu: bool) -> int
     return 3 * slots * a.hidden_size * a.moe_intermediate_size * 4
 
 
+def _token_floats(args: ModelArgs, layer: int) -> int:
+    """float32 values per token that block `layer` keeps for its backward pass (times the fitted
+    _C_TOKEN): 4 x hidden (residuals, norms); 3 x the attention's projections and o_proj output
+    (projection, per-head layout, rotated copy); the FFN output; one hidden row per SwiGLU
+    (compiled: silu(gate) * up fused) of the dense MLP or of each routed slot (with its gathered
+    input and output rows) and the shared experts, and the router scores. Weights fitted to
+    tiny, small, small-dense, seed and mac8gb cuts (CPU backend, compiled steps)."""
+    a, D, H = args, args.hidden_size, args.num_attention_heads
+    n = 4 * D
+    if a.attention_type == "mla":
+        qk = H * (a.qk_nope_head_dim + a.qk_rope_head_dim)
+        att = (a.q_lora_rank or 0) + qk + a.kv_lora_rank + a.qk_rope_head_dim
+        att += H * (a.qk_nope_head_dim + a.v_head_dim) + 2 * qk + H * a.v_head_dim
+    else:
+        att = 3 * H * a.head_dim + 2 * a.head_dim
+    n += 3 * (att + D) + D
+    if not a.is_moe_layer(layer):
+        return n + a.intermediate_size
+    k, Im = a.num_experts_per_tok, a.moe_intermediate_size
+    return n + a.n_routed_experts + k * (Im + 2 * D) + Im * a.n_shared_experts
+
+
 def _block_activations(args: ModelArgs, layer: int, B: int, T: int, nbytes: int, cpu: bool) -> int:
     """Bytes one block keeps for its backward pass at micro-batch [B, T]: the float32
-    [B, H, T, T] attention scores (and their softmax and gradient), a per-token amount for the
-    projections and routing, and on a CPU in half precision the dense expert dispatch's
-    [B*T, E*I] hidden states (MLX's CPU gather_mm is float32-only)."""
+    [B, H, T, T] attention scores (and their softmax and gradient), the per-token values
+    (_token_floats), and on a CPU in half precision the dense expert dispatch's [B*T, E*I]
+    hidden states (MLX's CPU gather_mm is float32-only)."""
     a = args
     tokens = B * T
-    act = _C_SCORES * B * a.num_attention_heads * T * T * 4 + _C_TOKEN_LAYER * tokens
+    act = _C_SCORES * B * a.num_attention_heads * T * T * 4
+    act += _C_TOKEN * 4 * _token_floats(a, layer) * tokens
     if a.is_moe_layer(layer) and cpu and nbytes < 4:
         act += 3 * tokens * a.n_routed_experts * a.moe_intermediate_size * nbytes
     return int(act)

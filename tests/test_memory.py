@@ -134,6 +134,9 @@ PLAN_CASES = {
         "small",
         dict(batch_size=2, lanes=1, accum=2, moments_dtype="bfloat16", second_moment="factored"),
     ),
+    # larger micro-batches: the activations outgrow the gradients and the update
+    "small-B32": ("small", dict(batch_size=32, lanes=1)),
+    "small-B16-T256": ("small", dict(batch_size=16, seq_len=256, lanes=1)),
 }
 
 
