@@ -113,13 +113,15 @@ def block_layout(indices: mx.array, n_experts: int, b: int) -> tuple:
     """Where each (token, expert) slot goes when slots are grouped by expert into blocks of b rows.
 
     indices [N, k] -> (dest [N, k] row of each slot, row_slot [R] slot of each row or S for a
-    padding row, block_expert [R/b] expert of each block, R). Each expert's group is padded to a
-    whole number of blocks; R = S + E*(b-1) rounded up to a block bounds that for any routing,
-    so every shape is static. One argsort of the slots' experts does the grouping.
+    padding row, block_expert [R/b] expert of each block, R). Each expert's group but the last
+    is padded to a whole number of blocks (the last group ends in the trailing blocks, which
+    belong to the last expert anyway), so at most S + (E-1)*(b-1) rows are used for any
+    routing: R is that, rounded up to a block, and every shape is static. One argsort of the
+    slots' experts does the grouping.
     """
     N, k = indices.shape
     E, S = n_experts, N * k
-    R = -(-(S + E * (b - 1)) // b) * b
+    R = -(-(S + (E - 1) * (b - 1)) // b) * b
     flat = indices.reshape(-1)  # [S] expert of each slot (slot = token * k + rank)
     order = mx.argsort(flat)  # [S] slots grouped by expert
     counts = (flat[:, None] == mx.arange(E)).sum(0)  # [E]
@@ -135,10 +137,11 @@ def block_layout(indices: mx.array, n_experts: int, b: int) -> tuple:
 
 @mx.custom_function
 def dispatch_rows(x: mx.array, dest: mx.array, row_token: mx.array) -> mx.array:
-    """x [N, D] -> rows [R, D]: row r holds token row_token[r] (a zero row for padding, whose
-    row_token is N). The gradient gathers each token's k rows (dest [N, k]) and sums them, where
+    """x [N, D] -> rows [R, D]: row r holds token row_token[r]. A padding row may hold any token:
+    combine_rows never reads it and gives it a zero cotangent, so it adds nothing to any
+    gradient. The gradient gathers each token's k rows (dest [N, k]) and sums them, where
     autodiff of the indexing would scatter-add (over ten times slower on MLX's CPU backend)."""
-    return mx.concatenate([x, mx.zeros((1, x.shape[1]), x.dtype)])[row_token]
+    return x[row_token]
 
 
 @dispatch_rows.vjp
@@ -150,7 +153,8 @@ def _dispatch_rows_vjp(primals: list, cotangent: mx.array, output: mx.array) -> 
 @mx.custom_function
 def combine_rows(rows: mx.array, dest: mx.array, row_slot: mx.array) -> mx.array:
     """rows [R, D] -> slots [N, k, D] (slot s reads row dest[s]). The gradient is the inverse
-    gather: row r takes slot row_slot[r]'s cotangent (zero for padding rows, row_slot = S)."""
+    gather: row r takes slot row_slot[r]'s cotangent (zero for padding rows, row_slot = S), so
+    a padding row's weight gradients are zero whatever its input (see dispatch_rows)."""
     return rows[dest]
 
 
@@ -170,7 +174,7 @@ class Experts(nn.Module):
       unchosen experts). E/k times the FLOPs, but plain matmuls.
     - "gather": the N*k (token, expert) slots grouped by expert into blocks of `block` rows
       (each expert's group padded to a whole block), one mx.gather_mm per projection with one
-      expert per block: k/E of the dense FLOPs plus at most E*(block-1) padding rows. Shapes
+      expert per block: k/E of the dense FLOPs plus at most (E-1)*(block-1) padding rows. Shapes
       are static (the padded row count depends only on N, k, E), so it compiles. block = 1
       is mlx-lm's one-row-per-slot dispatch, right for decoding a few tokens; bigger blocks
       turn the CPU's per-row matrix-vector products into real matrix products.
@@ -228,7 +232,7 @@ class Experts(nn.Module):
             y = mm1(h, self.down_proj).squeeze(-2)  # [N, k, D]
             return (y * weights[..., None].astype(y.dtype)).sum(1)
         dest, row_slot, block_expert, R = block_layout(indices, E, b)
-        xs = dispatch_rows(x, dest, row_slot // k)  # [R, D]
+        xs = dispatch_rows(x, dest, mx.minimum(row_slot // k, N - 1))  # [R, D]; padding: any
         xs = xs.reshape(R // b, b, -1)  # [R/b, b, D]
 
         def mm(a: mx.array, proj: nn.Module) -> mx.array:

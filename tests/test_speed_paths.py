@@ -23,7 +23,7 @@ from mlx_model.attention import attention_cpu
 from mlx_model.layers import swiglu
 from mlx_model.loss import cross_entropy
 from mlx_model.model import Model
-from mlx_model.moe import Experts
+from mlx_model.moe import Experts, block_layout
 from mlx_model.train_config import TrainConfig
 from mlx_model.trainer import Trainer
 
@@ -84,11 +84,12 @@ def _routes(rng, N: int, E: int, k: int):
 @pytest.mark.parametrize("E,k", [(4, 2), (8, 2), (2, 1), (8, 1)])
 @pytest.mark.parametrize("N", [1, 7, 300])
 @pytest.mark.parametrize("max_block", [1, 8, 64])
-@pytest.mark.parametrize("skewed", [False, True], ids=["random", "skewed"])
+@pytest.mark.parametrize("skewed", ["random", "last", "first"])
 def test_dispatches_agree(seed, E, k, N, max_block, skewed):
     """dense vs gather: forward output and gradients wrt x, the weights and the routing weights.
-    Skewed routes send every token to the same k experts (the others get none): the blocked
-    layout's padding and empty groups, and the hand-written gradients of its row gathers."""
+    Skewed routes send every token to the same k experts, the last or the first ones (the others
+    get none): the blocked layout's padding and empty groups, the padding rows (which hold some
+    token's row, see moe.dispatch_rows), and the hand-written gradients of its row gathers."""
     args = tiny_args(n_routed_experts=E, num_experts_per_tok=k, moe_intermediate_size=24)
     rng = np.random.default_rng(seed)
     experts = Experts(args)
@@ -101,8 +102,9 @@ def test_dispatches_agree(seed, E, k, N, max_block, skewed):
     )
     x = mx.array(rng.standard_normal((N, args.hidden_size)).astype(np.float32))
     idx, w = _routes(rng, N, E, k)
-    if skewed:
-        idx = mx.broadcast_to(mx.arange(E - k, E, dtype=mx.int32), (N, k))
+    if skewed != "random":
+        first = E - k if skewed == "last" else 0
+        idx = mx.broadcast_to(mx.arange(first, first + k, dtype=mx.int32), (N, k))
     out = {}
     for dispatch in ("dense", "gather"):
         experts.dispatch = dispatch
@@ -120,6 +122,44 @@ def test_dispatches_agree(seed, E, k, N, max_block, skewed):
     assert_close(gw_g, gw_d, TOL, "grad routing weights")
     for name in gp_d:
         assert_close(gp_g[name], gp_d[name], TOL, f"grad {name}")
+
+
+def _layout_routes(rng, E: int, k: int, b: int) -> dict:
+    """Routes [N, k] for block_layout: random; all slots on the last or the first experts; and
+    the worst case for padding (each expert but the last holds 1 + a multiple of b slots)."""
+    N = 5 * E * b + 3
+    routes = {"random": np.argsort(rng.random((N, E)), axis=-1)[:, :k]}
+    routes["last"] = np.broadcast_to(np.arange(E - k, E), (N, k))
+    routes["first"] = np.broadcast_to(np.arange(k), (N, k))
+    if k == 1:  # the worst case: counts 1 + b*m for experts 0..E-2, the rest on the last
+        counts = [1 + b * int(m) for m in rng.integers(0, 3, E - 1)]
+        worst = np.repeat(np.arange(E - 1), counts)
+        worst = np.concatenate([worst, np.full(N - len(worst), E - 1)])
+        routes["worst"] = rng.permutation(worst)[:, None]
+    return routes
+
+
+@pytest.mark.parametrize("E,k,b", [(8, 1, 4), (8, 2, 4), (4, 2, 8), (16, 4, 2), (3, 1, 16)])
+def test_block_layout_rows(seed, E, k, b):
+    """block_layout against its definition, in NumPy: every slot gets its own row < R, in a block
+    of its own expert; row_slot inverts dest and marks every other row as padding (S); R is
+    S + (E-1)*(b-1) rounded up to a block, and the worst-case routing uses all of that bound."""
+    rng = np.random.default_rng(seed)
+    for name, idx in _layout_routes(rng, E, k, b).items():
+        N = idx.shape[0]
+        S = N * k
+        dest, row_slot, block_expert, R = block_layout(mx.array(idx.astype(np.int32)), E, b)
+        dest, row_slot, block_expert = np.array(dest), np.array(row_slot), np.array(block_expert)
+        assert R == -(-(S + (E - 1) * (b - 1)) // b) * b and R % b == 0, name
+        flat = dest.reshape(-1)
+        assert len(set(flat.tolist())) == S and flat.min() >= 0 and flat.max() < R, name
+        np.testing.assert_array_equal(block_expert[flat // b], idx.reshape(-1), err_msg=name)
+        np.testing.assert_array_equal(row_slot[flat], np.arange(S), err_msg=name)
+        padding = np.setdiff1d(np.arange(R), flat)
+        assert (row_slot[padding] == S).all(), name
+        assert (np.diff(block_expert.astype(np.int64)) >= 0).all(), name
+        if name == "worst":
+            assert flat.max() == S + (E - 1) * (b - 1) - 1, "the bound is reached"
 
 
 def test_block_size_bounds_padding():
