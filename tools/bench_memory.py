@@ -79,8 +79,9 @@ def bench(a: argparse.Namespace) -> dict:
     from mlx_model.hf import hf_incompatibility
     from mlx_model.memory import plan_memory
     from mlx_model.train_config import TrainConfig, training_preset
-    from tools.bench_workers import make_checkpoint
+    from tools.bench_workers import cpu_model, make_checkpoint
 
+    load = os.getloadavg()[0]
     tr = {"batch_size": 16, "seq_len": 128, "accum": 1} | {
         k: v
         for k, v in training_preset(a.preset).items()
@@ -105,15 +106,19 @@ def bench(a: argparse.Namespace) -> dict:
         cfg = TrainConfig(**{k: v for k, v in spec.items() if k in TrainConfig.__annotations__})
         cfg.grad_checkpoint = ck
         rows[label]["plan"] = plan_memory(args, cfg, 1).total
-    return {"preset": a.preset, "spec": spec, "rows": rows}
+    machine = f"{cpu_model()}, {os.cpu_count()} cores, 1-minute load average {load:.1f} before"
+    machine += f", {os.getloadavg()[0]:.1f} after (tokens/s: processes run one after another)"
+    return {"preset": a.preset, "spec": spec, "rows": rows, "machine": machine}
 
 
 def print_table(res: dict) -> None:
     s = res["spec"]
     print(
         f"preset {res['preset']}: batch {s['batch_size']} x {s['seq_len']} x accum {s['accum']}, "
-        f"float32, 1 lane, {s['steps']} timed steps (measured on a shared, busy 2-core AMD EPYC)"
+        f"float32, 1 lane, {s['steps']} timed steps"
     )
+    if "machine" in res:
+        print(f"machine: {res['machine']}")
     print(f"{'':24} {'MLX peak':>10} {'plan':>10} {'RSS growth':>11} {'tokens/s':>9}")
     rows = res["rows"]
     for label, r in rows.items():
