@@ -23,13 +23,11 @@ from .checkpoint import write_dir
 from .data_errors import DataError
 from .sources import Corpus
 from .store import (
-    TokenWriter,
     disk_error,
     open_store,
     progress_bar,
-    store_dtype,
+    tokenize_to_file,
     write_meta,
-    write_tokens,
 )
 
 __all__ = ["DataError", "Tokenizer", "eval_batches", "get_batch", "load_texts", "prepare_data"]
@@ -254,19 +252,15 @@ def prepare_data(
     tok = tok or train_tokenizer(_sample(corpus, TOKENIZER_SAMPLE_BYTES, progress), vocab_size)
 
     def fill(tmp: Path) -> None:
-        writer = TokenWriter(tmp, store_dtype(tok.vocab_size))
-        try:
-            documents = write_tokens(tok, corpus, writer, progress)
-        finally:
-            writer.close()
-        n = writer.count
+        ids, documents = tokenize_to_file(tok, corpus, tmp, progress)
+        n = len(ids)
         n_val = int(np.ceil(n * val_fraction))
         try:
             tok.save(str(tmp))
         except OSError as e:
             raise disk_error(tmp, e) from None
         meta = dict(
-            dtype=writer.dtype.name, tokens=n, train=n - n_val, documents=documents,
+            dtype=ids.dtype.name, tokens=n, train=n - n_val, documents=documents,
             data=data, tokenizer=tokenizer, text_field=text_field,
         )  # fmt: skip
         write_meta(tmp, meta)

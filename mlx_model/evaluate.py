@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.seq_len < 1 or a.seq_len > model.args.max_position_embeddings:
             raise DataError(f"--seq-len must be in 1..{model.args.max_position_embeddings}")
         with tempfile.TemporaryDirectory(prefix="mlx_model-evaluate-") as tmp:
-            ids = tokenize_to_file(tok, Corpus(a.data, a.text_field), tmp, progress=False)
+            ids, _ = tokenize_to_file(tok, Corpus(a.data, a.text_field), tmp, progress=False)
             if len(ids) < a.seq_len + 1:
                 raise DataError(
                     f"the text has {len(ids)} tokens, fewer than one window of {a.seq_len + 1}: "

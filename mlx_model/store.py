@@ -121,17 +121,21 @@ def write_tokens(tok: Any, corpus: Corpus, writer: TokenWriter, progress: bool) 
     return corpus.documents
 
 
-def tokenize_to_file(tok: Any, corpus: Corpus, directory: Path, progress: bool) -> np.ndarray:
-    """Every document of `corpus` tokenized (an eos after each) into directory/tokens.bin, and
-    returned memory-mapped: memory stays bounded whatever the corpus size."""
+def tokenize_to_file(
+    tok: Any, corpus: Corpus, directory: Path, progress: bool
+) -> tuple[np.ndarray, int]:
+    """Every document of `corpus` tokenized (an eos after each) into directory/tokens.bin;
+    returns the ids memory-mapped (memory stays bounded whatever the corpus size) and the
+    number of documents."""
     writer = TokenWriter(Path(directory), store_dtype(tok.vocab_size))
     try:
-        write_tokens(tok, corpus, writer, progress)
+        documents = write_tokens(tok, corpus, writer, progress)
     finally:
         writer.close()
     if writer.count == 0:
-        return np.zeros(0, writer.dtype)
-    return np.memmap(writer.path, dtype=writer.dtype, mode="r", shape=(writer.count,))
+        return np.zeros(0, writer.dtype), documents
+    ids = np.memmap(writer.path, dtype=writer.dtype, mode="r", shape=(writer.count,))
+    return ids, documents
 
 
 def write_meta(directory: Path, meta: dict) -> None:
