@@ -20,9 +20,9 @@ from mlx.utils import tree_flatten
 from mlx_model.config import preset
 from mlx_model.memory import count_parameters, fit_budget, parse_bytes, plan_memory
 from mlx_model.model import Model
-from mlx_model.train import build_model
-from mlx_model.train_config import TrainConfig, TrainError, training_preset
+from mlx_model.train_config import TrainConfig, TrainError
 from mlx_model.trainer import Trainer
+from tools.plan_check import measure
 
 ROOT = Path(__file__).resolve().parents[1]
 PLAN_TOL = 0.20  # |plan - measured peak| / measured peak
@@ -143,24 +143,8 @@ PLAN_CASES = {
 @pytest.mark.parametrize("case", list(PLAN_CASES))
 def test_plan_matches_measured_peak(case):
     name, kw = PLAN_CASES[case]
-    cfg = TrainConfig(**{**training_preset(name), "progress": False, **kw})
-    args = preset(name)
-    gc.collect()
-    before = mx.get_active_memory()  # arrays other tests left alive in this process
-    model = build_model(cfg, args)
-    trainer = Trainer(cfg, args, model)
-    rng = np.random.default_rng(11)
-    data = [
-        mx.array(
-            rng.integers(0, args.vocab_size, (cfg.batch_size, cfg.seq_len + 1)).astype(np.int32)
-        )
-        for _ in range(cfg.accum)
-    ]
-    trainer.step(data)  # compiles
-    mx.reset_peak_memory()
-    trainer.step(data)
-    measured = mx.get_peak_memory() - before - sum(b.nbytes for b in data)
-    planned = plan_memory(args, cfg, trainer.lanes).total
+    r = measure(name, kw)  # tools.plan_check's measurement, in this process
+    planned, measured = r["plan"], r["measured"]
     err = abs(planned - measured) / measured
     assert err <= PLAN_TOL, f"plan {planned / 1e6:.1f} MB vs measured {measured / 1e6:.1f} MB"
 
@@ -182,6 +166,7 @@ from mlx_model.memory import count_parameters, plan_memory
 from mlx_model.train import build_model
 from mlx_model.train_config import TrainConfig, training_preset
 from mlx_model.trainer import Trainer
+from tools.plan_check import measure
 args = preset("small")
 kw = dict(batch_size=8, seq_len=128, accum=1, lanes=1, update_chunk_mb=4.0, progress=False)
 cfg = TrainConfig(**{**training_preset("small"), **kw, "grad_checkpoint": ckpt})
