@@ -20,8 +20,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mlx_model.config import ModelArgs, preset  # noqa: E402
+from mlx_model.config import ModelArgs  # noqa: E402
 from mlx_model.model import Model as MLXModel  # noqa: E402
+from mlx_model.presets import preset  # noqa: E402
 from tools import convert  # noqa: E402
 from torch_reference.model import Model as TorchModel  # noqa: E402
 

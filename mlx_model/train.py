@@ -32,12 +32,13 @@ import mlx.core as mx
 import numpy as np
 
 from . import checkpoint as ckpt
-from .config import ConfigError, ModelArgs, preset
+from .config import ConfigError, ModelArgs
 from .data import DataError, Tokenizer, eval_batches, get_batch, prepare_data
 from .distributed import DistributedError, Watchdog, all_sum_or_fail, init_group
 from .hf import CONFIG_EXTRAS
 from .memory import plan_for_cli
 from .model import Model
+from .presets import preset
 from .train_config import (  # noqa: F401  (TrainConfig, PRESET_TRAINING also imported from here)
     DEFAULT_OUT,
     PRESET_TRAINING,

@@ -1,5 +1,5 @@
 """Training settings: `TrainConfig` (one typed field per CLI flag, with its help text) and the
-training presets that go with the model presets of `config.py`.
+training presets that go with the model presets of `presets.py`.
 
 Stdlib only (no MLX import), like `config.py`, so tools can read presets cheaply. The CLI in
 `train.py` builds one flag per field from `dataclasses.fields(TrainConfig)`: the field's type
@@ -30,7 +30,7 @@ class TrainError(ValueError):
 class TrainConfig:
     """Training settings (model settings live in ModelArgs; both become CLI flags)."""
 
-    preset: str = _f("small", "model and training defaults: a name from mlx_model.config.PRESETS")
+    preset: str = _f("small", "model and training defaults: a name from mlx_model.presets.PRESETS")
     config: str | None = _f(None, "JSON file with model and/or training keys (overrides preset)")
     data: list[str] | None = _f(
         None,

@@ -16,8 +16,8 @@ from mlx.utils import tree_flatten
 
 from conftest import TOL_LAYER, TOL_LOGITS, assert_close, mqa_args, tiny_args, to_np, twins
 from mlx_model.cache import make_cache
-from mlx_model.config import preset
 from mlx_model.model import Model as MLXModel
+from mlx_model.presets import preset
 from torch_reference.model import Model as TorchModel
 
 PRESETS = {

@@ -331,9 +331,9 @@ def test_file_set_changes_between_checkpoints(tmp_path):
     from mlx.utils import tree_flatten
 
     from mlx_model.checkpoint import load_model, save_model
-    from mlx_model.config import preset
     from mlx_model.data import train_tokenizer
     from mlx_model.model import Model
+    from mlx_model.presets import preset
     from mlx_model.train_state import read_trainer_state, save_checkpoint
 
     tok = train_tokenizer(["some words to train a small byte-level tokenizer on " * 30], 300)

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 
 from mlx_model import hf
-from mlx_model.config import PRESETS, RULES, ConfigError, ModelArgs, field_help, preset
+from mlx_model.config import RULES, ConfigError, ModelArgs, field_help
+from mlx_model.presets import PRESETS, preset
 
 MQA = dict(attention_type="mqa", num_key_value_heads=1)
 # (overrides on the default config, start of the expected "why"): one case per rule at least.

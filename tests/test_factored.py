@@ -20,10 +20,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_model import checkpoint as ckpt
-from mlx_model.config import preset
 from mlx_model.memory import count_parameters, moment_bytes
 from mlx_model.model import Model
 from mlx_model.optim import FACTORED_EPS, make_optimizer
+from mlx_model.presets import preset
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = {"w": (12, 7), "experts": (3, 5, 6), "norm": (9,), "emb": (10, 4)}

@@ -25,9 +25,9 @@ from conftest import decode_args
 from mlx_model import sampling as S
 from mlx_model.cache import StaticKVCache, make_cache
 from mlx_model.checkpoint import save_model
-from mlx_model.config import preset
 from mlx_model.data import train_tokenizer
 from mlx_model.model import Model
+from mlx_model.presets import preset
 
 G = importlib.import_module("mlx_model.generation")  # text level: generate, stream, _push
 D = importlib.import_module("mlx_model.engine")  # token level: Engine, masks

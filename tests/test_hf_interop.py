@@ -27,9 +27,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from mlx_model.checkpoint import CheckpointError, export_hf, load_model, save_model  # noqa: E402
-from mlx_model.config import preset  # noqa: E402
 from mlx_model.data import Tokenizer, train_tokenizer  # noqa: E402
 from mlx_model.model import Model  # noqa: E402
+from mlx_model.presets import preset  # noqa: E402
 
 torch.set_num_threads(2)
 REPO = Path(__file__).resolve().parents[1]

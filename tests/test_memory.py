@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_model.config import preset
 from mlx_model.memory import count_parameters, fit_budget, parse_bytes, plan_memory
 from mlx_model.model import Model
+from mlx_model.presets import preset
 from mlx_model.train_config import TrainConfig, TrainError
 from mlx_model.trainer import Trainer
 from tools.plan_check import measure
@@ -161,7 +161,7 @@ ckpt = sys.argv[1] == "1"
 if ckpt:
     speedups.depth_first_order()
 import mlx.core as mx, numpy as np
-from mlx_model.config import preset
+from mlx_model.presets import preset
 from mlx_model.memory import count_parameters, plan_memory
 from mlx_model.train import build_model
 from mlx_model.train_config import TrainConfig, training_preset

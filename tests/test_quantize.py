@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 from mlx_model.checkpoint import CheckpointError, load_model, save_model
-from mlx_model.config import preset
 from mlx_model.data import train_tokenizer
 from mlx_model.engine import Engine
 from mlx_model.generation import load
 from mlx_model.model import Model
 from mlx_model.moe import Experts, QuantizedStackedLinear
+from mlx_model.presets import preset
 from mlx_model.quantize import (
     QuantizeError,
     load_quantized,

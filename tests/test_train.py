@@ -16,9 +16,10 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_model import checkpoint as ckpt
-from mlx_model.config import BIAS_UPDATE_RULES, preset
+from mlx_model.config import BIAS_UPDATE_RULES
 from mlx_model.loss import bias_delta, cross_entropy, loss_terms, moe_layers, update_bias
 from mlx_model.model import Model
+from mlx_model.presets import preset
 from mlx_model.train_config import TrainConfig
 from mlx_model.trainer import Trainer, lane_units
 

@@ -75,9 +75,9 @@ def run_contender(name: str, ckpt: str, spec: dict) -> dict:
 
 
 def bench(a: argparse.Namespace) -> dict:
-    from mlx_model.config import preset
     from mlx_model.hf import hf_incompatibility
     from mlx_model.memory import plan_memory
+    from mlx_model.presets import preset
     from mlx_model.train_config import TrainConfig, training_preset
     from tools.bench_workers import cpu_model, make_checkpoint
 
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     from mlx_model.speedups import enable_for_cli
 
     enable_for_cli()  # before the coordinator imports mlx.core (it writes the checkpoint)
-    from mlx_model.config import PRESETS
+    from mlx_model.presets import PRESETS
 
     p = argparse.ArgumentParser(
         prog="python -m tools.bench memory", description=__doc__.split("\n")[0]

@@ -149,8 +149,8 @@ def make_checkpoint(preset: str, out: str, overrides: dict) -> Any:
     import mlx.core as mx
 
     from mlx_model.checkpoint import save_model
-    from mlx_model.config import preset as get_preset
     from mlx_model.model import Model
+    from mlx_model.presets import preset as get_preset
 
     args = get_preset(preset).replace(**overrides)
     mx.random.seed(0)

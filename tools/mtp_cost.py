@@ -24,8 +24,8 @@ def main(argv: list[str] | None = None) -> None:
     speedups.enable_for_cli()  # a fast BLAS and vectorised kernels, before mlx.core loads
     import mlx.core as mx
 
-    from mlx_model.config import preset
     from mlx_model.model import Model
+    from mlx_model.presets import preset
     from mlx_model.train_config import TrainConfig
     from mlx_model.trainer import Trainer
 

@@ -28,8 +28,8 @@ def measure(name: str, overrides: dict, seed: int = 11) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_model.config import preset
     from mlx_model.memory import plan_memory
+    from mlx_model.presets import preset
     from mlx_model.train import build_model
     from mlx_model.train_config import TrainConfig, training_preset
     from mlx_model.trainer import Trainer
