@@ -18,7 +18,7 @@ Useful FLOPs per trained token (analytic): 6 * active parameters (every matrix e
 embedding; of the routed experts only k of E count, never dense-masked waste) + attention
 scores 3 * layers * heads * (qk_head_dim + v_head_dim) * (T + 1) (causal: (T+1)/2 keys on
 average, 2 FLOPs per multiply-add, x3 for forward + backward).
-The workers' side is tools/bench_workers.py.
+The workers' side is tools/bench_workers.py; processes and measurements: bench_procs.py, bench_measure.py.
 Peak memory: the high-water resident set (ru_maxrss) of the contender's own process minus its
 resident set after imports, i.e. what building, compiling and running the contender added; on
 a GPU, MLX contenders report mx.get_peak_memory() instead.
@@ -37,17 +37,15 @@ from pathlib import Path
 from typing import Any
 
 from tools.bench_generate import GenWorker, bench_generate, print_generate
-from tools.bench_workers import (
-    Proc,
+from tools.bench_measure import (
     active_params,
     cache_bytes_per_token,
     cpu_model,
-    interleave,
-    make_checkpoint,
     median,
     useful_flops_per_token,
-    worker_main,
 )
+from tools.bench_procs import Proc, interleave
+from tools.bench_workers import make_checkpoint, worker_main
 
 # Figures measured elsewhere, never in this run: printed with their source and machine, and never
 # turned into a ratio (ratios are side-by-side contenders only). (micro-batches/s, where, source)

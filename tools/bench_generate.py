@@ -138,7 +138,8 @@ def variants(
 def bench_generate(a: Any) -> dict:
     from mlx_model.data import Tokenizer
     from mlx_model.generation import load
-    from tools.bench_workers import Proc, interleave, median
+    from tools.bench_measure import median
+    from tools.bench_procs import Proc, interleave
 
     fixture, draft = ensure_fixture(FIXTURE), ensure_fixture(DRAFT)
     distilled = ensure_distilled(fixture)
@@ -255,7 +256,7 @@ class GenWorker:
         self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(self.model.parameters()))
 
     def run(self) -> dict:
-        from tools.bench_workers import rss_bytes
+        from tools.bench_measure import rss_bytes
 
         out = self._run()
         self.peak_rss = max(self.peak_rss, rss_bytes())

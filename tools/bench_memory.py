@@ -40,7 +40,8 @@ def worker(name: str, ckpt: str, spec_json: str) -> None:
         import mlx.core as mx
     else:
         mx = None
-    from tools.bench_workers import TrainWorker, max_rss_bytes, rss_bytes
+    from tools.bench_measure import max_rss_bytes, rss_bytes
+    from tools.bench_workers import TrainWorker
 
     if name == "torch_reference":
         import torch  # noqa: F401  (its import is not its footprint)
@@ -79,7 +80,8 @@ def bench(a: argparse.Namespace) -> dict:
     from mlx_model.memory import plan_memory
     from mlx_model.presets import preset
     from mlx_model.train_config import TrainConfig, training_preset
-    from tools.bench_workers import cpu_model, make_checkpoint
+    from tools.bench_measure import cpu_model
+    from tools.bench_workers import make_checkpoint
 
     load = os.getloadavg()[0]
     tr = {"batch_size": 16, "seq_len": 128, "accum": 1} | {

@@ -2,135 +2,26 @@
 
 Each worker builds its contender from the shared checkpoint, warms it up, then answers `run`
 (one timed step) and `quit` (final figures: peak memory, tokens, cache bytes) lines on stdin
-with one JSON line each. Also the process-local measurements the coordinator reuses: resident
-memory, which BLAS is mapped, the CPU model, analytic useful FLOPs and cache sizes.
+with one JSON line each. What is measured inside a process (memory, BLAS, CPU model, FLOPs) is in
+tools/bench_measure.py; the coordinator's process handling in tools/bench_procs.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-
-# ------------------------------------------------------------------------------ helpers
-def rss_bytes() -> int:
-    """Current resident set of this process."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def max_rss_bytes() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+from tools.bench_measure import (
+    blas_label,
+    max_rss_bytes,
+    rss_bytes,
+)
 
 
-def loaded_blas() -> str:
-    """Which BLAS libraries this process has mapped (MKL, OpenBLAS, MLX's bundled reference)."""
-    found = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                name = os.path.basename(line.split()[-1]) if "/" in line else ""
-                for key in ("libmkl_rt", "libopenblas", "libblas-", "libblas.so", "libtorch_cpu"):
-                    if name.startswith(key) and name not in found:
-                        found.append(name)
-    except OSError:
-        return platform.system()
-    return ", ".join(found) or "none mapped"
-
-
-def blas_label(name: str) -> str:
-    """The BLAS a contender's matmuls use: the library MLX took cblas_sgemm from, or torch's."""
-    parts = []
-    if name != "torch_reference" and "mlx.core" in sys.modules:
-        import mlx.core as mx
-
-        if mx.default_device() == mx.gpu:
-            parts.append("MLX GPU kernels")
-        else:
-            from mlx_model import _blas
-
-            path = _blas.blas_path()
-            threads = (
-                os.environ.get("MKL_NUM_THREADS")
-                or os.environ.get("OPENBLAS_NUM_THREADS")
-                or "default"
-            )
-            parts.append(
-                f"MLX: {os.path.basename(path)} ({threads} threads)"
-                if path
-                else "MLX: its bundled reference BLAS (slow)"
-            )
-    if "torch" in sys.modules and name in ("torch_reference", "peak"):
-        import torch
-
-        parts.append(
-            f"torch: its own {'MKL' if torch.backends.mkl.is_available() else 'BLAS'}, "
-            f"{torch.get_num_threads()} threads"
-        )
-    return "; ".join(parts) or loaded_blas()
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-
-def useful_flops_per_token(args: Any, T: int, active_params: int) -> float:
-    """6 * active params + causal attention scores (see the module docstring)."""
-    if args.attention_type == "mla":
-        dqk, dv = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
-    else:
-        dqk = dv = args.head_dim
-    attn = 3 * args.num_hidden_layers * args.num_attention_heads * (dqk + dv) * (T + 1)
-    return 6 * active_params + attn
-
-
-def active_params(weights: dict[str, Any], args: Any) -> int:
-    """Matrix parameters one token uses: all but the embedding; k/E of the routed experts."""
-    n = 0.0
-    for name, w in weights.items():
-        if w.ndim < 2 or "embed_tokens" in name or name.startswith("mtp"):
-            continue
-        size = float(w.size)
-        if ".mlp.experts." in name:
-            size *= args.num_experts_per_tok / args.n_routed_experts
-        n += size
-    return int(n)
-
-
-def cache_bytes_per_token(args: Any, nbytes: int = 4) -> dict[str, int]:
-    """latent: layers * (kv_lora_rank + qk_rope_head_dim) (MLA) or layers * 2 * head_dim (MQA);
-    expanded multi-head: layers * heads * (qk_head_dim + v_head_dim); times dtype bytes."""
-    L, H = args.num_hidden_layers, args.num_attention_heads
-    if args.attention_type == "mla":
-        latent = L * (args.kv_lora_rank + args.qk_rope_head_dim)
-        expanded = L * H * (args.qk_nope_head_dim + args.qk_rope_head_dim + args.v_head_dim)
-    else:
-        latent = L * 2 * args.head_dim
-        expanded = L * H * 2 * args.head_dim
-    return {"latent": latent * nbytes, "expanded": expanded * nbytes}
-
-
-# ------------------------------------------------------------------------------ workers
 def _random_ids(vocab: int, shape: tuple, seed: int):
     import numpy as np
 
@@ -479,56 +370,3 @@ def worker_main(kind: str, name: str, ckpt: str, spec_json: str, cls: Any = None
             out.flush()
             return
         out.flush()
-
-
-# ------------------------------------------------------------ coordinator side
-SETTLE_S = 0.3  # pause between runs of different workers (see interleave)
-
-
-class Proc:
-    def __init__(self, kind: str, name: str, ckpt: str, spec: dict):
-        env = dict(os.environ)
-        if name not in ("torch_reference", "peak") and spec.get("mlx_blas_threads"):
-            n = str(spec["mlx_blas_threads"])
-            env.update(MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n)
-        cmd = [sys.executable, "-m", "tools.bench", "_worker", kind, name, ckpt, json.dumps(spec)]
-        root = str(Path(__file__).resolve().parents[1])
-        self.name = name
-        self.p = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env
-        )
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.p.stdout.readline()
-        if not line:
-            raise RuntimeError(
-                f"bench worker {self.name} died (exit {self.p.wait()}); see its stderr above"
-            )
-        return json.loads(line)
-
-    def ask(self, cmd: str) -> dict:
-        self.p.stdin.write(cmd + "\n")
-        self.p.stdin.flush()
-        return self._read()
-
-    def close(self) -> dict:
-        res = self.ask("quit")
-        self.p.wait()
-        return res
-
-
-def interleave(procs: list[Proc], repeats: int) -> dict[str, list[dict]]:
-    """Round-robin: every round asks every worker for one run, starting one later each round.
-
-    A short pause before each run lets the previous worker's BLAS threads stop spinning
-    (OpenMP keeps idle threads busy-waiting for up to ~200 ms), so they don't slow the next one.
-    """
-    res: dict[str, list[dict]] = {p.name: [] for p in procs}
-    for r in range(repeats):
-        for i in range(len(procs)):
-            p = procs[(r + i) % len(procs)]
-            time.sleep(SETTLE_S)
-            res[p.name].append(p.ask("run"))
-        print(f"  round {r + 1}/{repeats} done", file=sys.stderr, flush=True)
-    return res
