@@ -4,10 +4,12 @@
 machine those processes get different shares of the CPU from one run to the next. Here the
 chosen rows (names as in tools/bench_generate.py `variants`) load side by side in this process
 and take turns (round-robin, the starting row rotating each round), so every row sees the same
-load. Prints each row's median decode tokens/s (wall) and its ratio to the first row, and the
-CPU-seconds ratio (process time per generated token, prefill included). Uses the bench's
-trained fixtures (weights/, trained once by the bench) and mlx-lm's quantized directories of
-them (written to a temporary folder). Set MKL_NUM_THREADS=1, as the bench does.
+load. Prints each row's median decode tokens/s (wall) and its ratio to the first row, the spread
+of that ratio over the rounds (each round's run against the first row's run of the same round:
+lowest-highest), and the CPU-seconds ratio (process time per generated token, prefill
+included). Uses the bench's trained fixtures (weights/, trained once by the bench) and mlx-lm's
+quantized directories of them (written to a temporary folder). Set MKL_NUM_THREADS=1, as the
+bench does.
 """
 
 from __future__ import annotations
@@ -80,11 +82,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"in-process A/B, {a.repeats} interleaved runs each, {a.new_tokens} tokens, greedy")
     for r in a.rows:
         t, c = statistics.median(tps[r]), statistics.median(cpu[r])
+        per_round = [x / y for x, y in zip(tps[r], tps[ref])]
         other = rows[r].get("ref", "ours")  # the row decoding the same weights (the bench's)
         other = other if other in workers else ref
         same = workers[r].tokens == workers[other].tokens
         print(
-            f"{r:22s} {t:7.1f} tokens/s {t / t0:5.2f}x | CPU {c * 1e3:6.2f} ms/token "
+            f"{r:22s} {t:7.1f} tokens/s {t / t0:5.2f}x (rounds {min(per_round):.2f}-"
+            f"{max(per_round):.2f}x) | CPU {c * 1e3:6.2f} ms/token "
             f"{c0 / c:5.2f}x | same tokens as {other}: {same}"
         )
 
