@@ -32,11 +32,11 @@ import mlx.core as mx
 import numpy as np
 
 from . import checkpoint as ckpt
+from .budget import plan_for_cli
 from .config import ConfigError, ModelArgs
 from .data import DataError, Tokenizer, eval_batches, get_batch, prepare_data
 from .distributed import DistributedError, Watchdog, all_sum_or_fail, init_group
 from .hf import CONFIG_EXTRAS
-from .memory import plan_for_cli
 from .model import Model
 from .presets import preset
 from .train_config import (  # noqa: F401  (TrainConfig, PRESET_TRAINING also imported from here)

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_model.memory import count_parameters, fit_budget, parse_bytes, plan_memory
+from mlx_model.budget import fit_budget
+from mlx_model.memory import count_parameters, parse_bytes, plan_memory
 from mlx_model.model import Model
 from mlx_model.presets import preset
 from mlx_model.train_config import TrainConfig, TrainError
