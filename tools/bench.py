@@ -18,7 +18,8 @@ Useful FLOPs per trained token (analytic): 6 * active parameters (every matrix e
 embedding; of the routed experts only k of E count, never dense-masked waste) + attention
 scores 3 * layers * heads * (qk_head_dim + v_head_dim) * (T + 1) (causal: (T+1)/2 keys on
 average, 2 FLOPs per multiply-add, x3 for forward + backward).
-The workers' side is tools/bench_workers.py; processes and measurements: bench_procs.py, bench_measure.py.
+The workers' side is tools/bench_workers.py; the worker processes are run by tools/bench_procs.py,
+and what a process measures about itself is in tools/bench_measure.py.
 Peak memory: the high-water resident set (ru_maxrss) of the contender's own process minus its
 resident set after imports, i.e. what building, compiling and running the contender added; on
 a GPU, MLX contenders report mx.get_peak_memory() instead.

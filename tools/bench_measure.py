@@ -86,7 +86,7 @@ def median(xs: list[float]) -> float:
 
 
 def useful_flops_per_token(args: Any, T: int, active_params: int) -> float:
-    """6 * active params + causal attention scores (see the module docstring)."""
+    """6 * active params + causal attention scores (see tools/bench.py's docstring)."""
     if args.attention_type == "mla":
         dqk, dv = args.qk_nope_head_dim + args.qk_rope_head_dim, args.v_head_dim
     else:
@@ -119,6 +119,3 @@ def cache_bytes_per_token(args: Any, nbytes: int = 4) -> dict[str, int]:
         latent = L * 2 * args.head_dim
         expanded = L * H * 2 * args.head_dim
     return {"latent": latent * nbytes, "expanded": expanded * nbytes}
-
-
-# ------------------------------------------------------------------------------ workers

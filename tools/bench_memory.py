@@ -30,18 +30,15 @@ CONTENDERS = {  # label -> (worker name, grad checkpointing)
 
 def worker(name: str, ckpt: str, spec_json: str) -> None:
     """One contender: build, warm up, reset the peak, time `steps` steps, print one JSON line."""
-    spec = json.loads(spec_json)
-    if name != "torch_reference":  # torch's process keeps its own BLAS and OpenMP only
-        from mlx_model.speedups import depth_first_order, enable_for_cli
+    from tools.bench_workers import TrainWorker, speed_setup
 
-        enable_for_cli()
-        if name == "mlx_model" and spec.get("grad_checkpoint"):
-            depth_first_order()  # as mlx_model.train does with --grad-checkpoint
+    spec = json.loads(spec_json)
+    speed_setup(name, spec)
+    if name != "torch_reference":
         import mlx.core as mx
     else:
         mx = None
     from tools.bench_measure import max_rss_bytes, rss_bytes
-    from tools.bench_workers import TrainWorker
 
     if name == "torch_reference":
         import torch  # noqa: F401  (its import is not its footprint)

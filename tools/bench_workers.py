@@ -15,11 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tools.bench_measure import (
-    blas_label,
-    max_rss_bytes,
-    rss_bytes,
-)
+from tools.bench_measure import blas_label, max_rss_bytes, rss_bytes
 
 
 def _random_ids(vocab: int, shape: tuple, seed: int):
@@ -314,16 +310,24 @@ def _word_tokenizer(vocab: int) -> Any:
     return TokenizerWrapper(PreTrainedTokenizerFast(tokenizer_object=tk))
 
 
+def speed_setup(name: str, spec: dict) -> None:
+    """The speed set-up `mlx_model.train` makes, in a contender's process before it imports
+    mlx.core: `enable_for_cli()`, and depth-first graph order for our model with
+    --grad-checkpoint. Torch's process keeps its own BLAS and OpenMP only."""
+    if name == "torch_reference":
+        return
+    from mlx_model.speedups import depth_first_order, enable_for_cli
+
+    enable_for_cli()
+    if name == "mlx_model" and spec.get("grad_checkpoint"):
+        depth_first_order()
+
+
 def worker_main(kind: str, name: str, ckpt: str, spec_json: str, cls: Any = None) -> None:
     """A contender's process: build, warm up, then answer `run` / `quit` lines on stdin.
     `cls` builds the contender (default: by kind and name)."""
-    if name != "torch_reference":  # torch's process keeps its own BLAS and OpenMP only
-        from mlx_model.speedups import depth_first_order, enable_for_cli
-
-        enable_for_cli()
     spec = json.loads(spec_json)
-    if name == "mlx_model" and spec.get("grad_checkpoint"):
-        depth_first_order()  # as mlx_model.train does with --grad-checkpoint
+    speed_setup(name, spec)
     import importlib
 
     # Import each contender's libraries before the memory baseline: they are not its footprint.
