@@ -11,6 +11,9 @@ ratios hold on a busy machine. Two parts:
    plain decode step, the model's verification forward over L = N+1 tokens, one MTP pass over 1
    and N+1 tokens, the lm_head over L rows; plus the number of primitives in a plain step
    (before compile fuses elementwise chains).
+3. A ceiling per N from those parts (`round_floor`): a round costs at least the forward over
+   N+1 tokens plus N one-position MTP passes, so even if every draft were accepted the speed-up
+   is at most (N+1) / that cost; and at the measured tokens per round, that over the same cost.
 
 Set MKL_NUM_THREADS=1 (as the bench does) for batch-1 decoding on a CPU.
 """
@@ -125,6 +128,20 @@ def parts(model: Any, engine: Any, prompt: list[int], drafts: list[int], repeats
     return timed(fns, repeats), primitive_count(verify, mx.array([prompt[:1]]), *main)
 
 
+def round_floor(costs: dict[str, float], n: int) -> float | None:
+    """The least a round with n drafts can cost, in plain forwards: the model's forward over the
+    n + 1 tokens it verifies plus n MTP passes over one position each (what drafting n tokens
+    and re-reading the kept one needs at the least), with the accept logic free. An MTP pass
+    over more positions costs no less than over one, so the cheapest measured MTP pass stands
+    in for it (timing noise can only make the bound more generous). None when the parts were
+    not measured (no MTP module)."""
+    mtp = [v for k, v in costs.items() if k.startswith("MTP pass")]
+    verify = costs.get(f"model forward L={n + 1}")
+    if not mtp or verify is None:
+        return None
+    return (verify + n * min(mtp)) / costs["model forward L=1"]
+
+
 def primitive_count(fn, *args) -> int:
     """Primitives in fn's graph before compilation (from MLX's dot export)."""
     import re
@@ -187,6 +204,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     for k, v in costs.items():
         print(f"  {k:28s} {v:7.3f} ms  {v / base:5.2f}x")
+    for n in a.num_draft:
+        floor = round_floor(costs, n)
+        if floor is not None:
+            tpr = med(s.tokens_per_step for s in runs[f"N={n}"])
+            print(
+                f"N={n} ceiling: a round costs at least forward L={n + 1} + {n} MTP pass(es) L=1 "
+                f"= {floor:.2f} plain forwards, so at most {(n + 1) / floor:.2f}x plain if every "
+                f"draft were accepted, {tpr / floor:.2f}x at the measured {tpr:.2f} tokens per round"
+            )
 
 
 if __name__ == "__main__":
