@@ -223,24 +223,24 @@ class Experts(nn.Module):
         S = N * k
         b = self.block_size(S)
         if b == 1:  # few tokens (decoding): one row per slot, no grouping, as mlx-lm does
-            xs = mx.expand_dims(x, (-2, -3))  # [N, 1, 1, D]
-
-            def mm1(a: mx.array, proj: nn.Module) -> mx.array:
-                return proj.gather(a, indices)  # [N, k, 1, *]
-
-            h = swiglu(mm1(xs, self.gate_proj), mm1(xs, self.up_proj))
-            y = mm1(h, self.down_proj).squeeze(-2)  # [N, k, D]
+            y = self.mlp(mx.expand_dims(x, (-2, -3)), indices).squeeze(-2)  # [N, k, D]
             return (y * weights[..., None].astype(y.dtype)).sum(1)
         dest, row_slot, block_expert, R = block_layout(indices, E, b)
         xs = dispatch_rows(x, dest, mx.minimum(row_slot // k, N - 1))  # [R, D]; padding: any
-        xs = xs.reshape(R // b, b, -1)  # [R/b, b, D]
+        rows = self.mlp(xs.reshape(R // b, b, -1), block_expert, sorted_indices=True)
+        y = combine_rows(rows.reshape(R, -1), dest, row_slot)  # [N, k, D]
+        return (y * weights[..., None].astype(y.dtype)).sum(1)
+
+    def mlp(self, xs: mx.array, experts: mx.array, sorted_indices: bool = False) -> mx.array:
+        """Each matrix of rows through its expert's SwiGLU, one gather_mm per projection:
+        xs [..., rows, D], experts [...] (the batch shapes broadcast) -> [..., rows, D].
+        Blocks: xs [R/b, b, D], sorted experts [R/b]. One row per slot: xs [N, 1, 1, D],
+        experts [N, k] -> [N, k, 1, D]."""
 
         def mm(a: mx.array, proj: nn.Module) -> mx.array:
-            return proj.gather(a, block_expert, sorted_indices=True)
+            return proj.gather(a, experts, sorted_indices=sorted_indices)
 
-        h = swiglu(mm(xs, self.gate_proj), mm(xs, self.up_proj))  # [R/b, b, I]
-        y = combine_rows(mm(h, self.down_proj).reshape(R, -1), dest, row_slot)  # [N, k, D]
-        return (y * weights[..., None].astype(y.dtype)).sum(1)
+        return mm(swiglu(mm(xs, self.gate_proj), mm(xs, self.up_proj)), self.down_proj)
 
     def __call__(self, x: mx.array, weights: mx.array, indices: mx.array) -> mx.array:
         shape = x.shape

@@ -34,11 +34,18 @@ def _small() -> ModelArgs:
     return ModelArgs()
 
 
+def dense_baseline(args: ModelArgs) -> ModelArgs:
+    """`args` with every FFN dense (first_k_dense_replace = all layers, which keeps the HF form);
+    its intermediate_size is unchanged, so it is the dense baseline of equal active parameters
+    when that equals the shared + top-k routed widths (as in `small`)."""
+    return args.replace(first_k_dense_replace=args.num_hidden_layers)
+
+
 def _small_dense() -> ModelArgs:
     # The dense baseline of `small`: every FFN dense, intermediate_size 768 = the shared expert
     # (256) + top-2 routed experts (2 x 256), so the same active parameters per token (less the
-    # [8, 256] router per MoE layer). first_k_dense_replace = all layers keeps the HF form.
-    return _small().replace(first_k_dense_replace=ModelArgs().num_hidden_layers)
+    # [8, 256] router per MoE layer).
+    return dense_baseline(_small())
 
 
 def _seed() -> ModelArgs:

@@ -105,13 +105,11 @@ class TrainWorker:
 
         from mlx_model.checkpoint import load_args, save_model
         from mlx_model.model import Model
+        from mlx_model.presets import dense_baseline
 
-        args = load_args(ckpt)
         mx.random.seed(0)
         self._dense_dir = tempfile.TemporaryDirectory(prefix="bench-dense-")
-        save_model(
-            self._dense_dir.name, Model(args.replace(first_k_dense_replace=args.num_hidden_layers))
-        )
+        save_model(self._dense_dir.name, Model(dense_baseline(load_args(ckpt))))
         self._build_mlx_model(self._dense_dir.name)
 
     _run_mlx_dense = _run_mlx_model

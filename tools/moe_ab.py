@@ -46,36 +46,27 @@ def fixed_gather(experts: Any, x: Any, weights: Any, indices: Any) -> Any:
     takes the contiguous rows e*S/E .. (e+1)*S/E - 1, one gather_mm block per expert."""
     import mlx.core as mx
 
-    from mlx_model.layers import swiglu
-
     N, k = indices.shape
     E = experts.gate_proj.weight.shape[0]
     S = N * k
     if S % E:
         raise ValueError(f"floor: tokens*k = {S} slots do not split evenly over {E} experts")
     xs = mx.concatenate([x] * k).reshape(E, S // E, -1)
-    ids = mx.arange(E, dtype=mx.uint32)
-
-    def mm(a: Any, proj: Any) -> Any:
-        return proj.gather(a, ids, sorted_indices=True)
-
-    h = swiglu(mm(xs, experts.gate_proj), mm(xs, experts.up_proj))
-    y = mm(h, experts.down_proj).reshape(k, N, -1)
+    y = experts.mlp(xs, mx.arange(E, dtype=mx.uint32), sorted_indices=True).reshape(k, N, -1)
     return (y * weights.T[..., None].astype(y.dtype)).sum(0)
 
 
-def make_trainer(name: str, preset_name: str, batch_size: int, seq_len: int) -> Any:
-    """One row's Trainer, from seeded random weights."""
+def make_trainer(name: str, args: Any, batch_size: int, seq_len: int) -> Any:
+    """One row's Trainer for the MoE model `args`, from seeded random weights."""
     import mlx.core as mx
 
     from mlx_model.model import Model
-    from mlx_model.presets import preset
+    from mlx_model.presets import dense_baseline
     from mlx_model.train_config import TrainConfig
     from mlx_model.trainer import Trainer
 
-    args = preset(preset_name)
     if name == "dense":
-        args = args.replace(first_k_dense_replace=args.num_hidden_layers)
+        args = dense_baseline(args)
     mx.random.seed(0)
     model = Model(args)
     if name == "floor":
@@ -97,16 +88,13 @@ def cpu_seconds() -> float:
 
 
 def measure(
-    preset_name: str, rounds: int, batch_size: int, seq_len: int, warmup: int = 2
+    args: Any, rounds: int, batch_size: int, seq_len: int, warmup: int = 2
 ) -> dict[str, dict[str, list[float]]]:
     """row -> {"wall": [...], "cpu": [...]} per round (interleaved, rotating order)."""
     import mlx.core as mx
     import numpy as np
 
-    from mlx_model.presets import preset
-
-    args = preset(preset_name)
-    trainers = {r: make_trainer(r, preset_name, batch_size, seq_len) for r in ROWS}
+    trainers = {r: make_trainer(r, args, batch_size, seq_len) for r in ROWS}
     ids = np.random.default_rng(0).integers(0, args.vocab_size, (batch_size, seq_len + 1))
     batch = [mx.array(ids.astype(np.int32))]
     for t in trainers.values():  # compile
@@ -163,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     speedups.enable_for_cli()
     import mlx.core as mx
 
-    res = measure(a.preset, a.rounds, a.batch_size, a.seq_len)
+    res = measure(args, a.rounds, a.batch_size, a.seq_len)
     print(
         f"preset {a.preset}, batch {a.batch_size} x seq {a.seq_len}, {a.rounds} interleaved "
         f"steps per row, one process, {mx.default_device()} | {speedups.status().blas or 'no BLAS'}"
